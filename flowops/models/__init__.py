@@ -1,0 +1,4 @@
+"""Composed flows."""
+from .realnvp import RealNVP
+
+__all__ = ["RealNVP"]

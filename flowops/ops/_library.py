@@ -1,0 +1,111 @@
+"""Registers the flowops operators with torch.library.
+
+The schemas come from the C++ extension when it loads (csrc/ops.cpp) and are
+defined here otherwise, with the reference as the CPU kernel. Either way this
+module adds the fake (meta) kernels that torch.compile traces with, the Python
+autograd formula of ``affine_coupling_fwd`` (the path torch.compile uses), and
+the CUDA kernels, which launch Triton (or fall back to the reference).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from .. import reference
+
+SCHEMAS = {
+    "affine_coupling_fwd": "(Tensor x, Tensor params, Tensor? mask, str scale, float clamp, bool inverse) "
+                           "-> (Tensor, Tensor)",
+    "affine_coupling_bwd": "(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor params, Tensor? mask, str scale, "
+                           "float clamp, bool inverse) -> (Tensor, Tensor)",
+}
+
+_libs = []  # keep Library objects alive
+
+
+def _ref_fwd(x, params, mask, scale, clamp, inverse):
+    if scale == "additive":
+        y, ld = reference.additive_coupling(x, params, inverse, _unflat(mask, x))
+    else:
+        y, ld = reference.affine_coupling(x, params, scale, clamp, inverse, _unflat(mask, x))
+    return y.contiguous(), ld
+
+
+def _unflat(mask, x):
+    return None if mask is None else mask.reshape(x.shape[1:])
+
+
+def _ref_bwd(grad_y, grad_logdet, x, params, mask, scale, clamp, inverse):
+    with torch.enable_grad():
+        xd = x.detach().requires_grad_(True)
+        pd = params.detach().requires_grad_(True)
+        y, ld = _ref_fwd(xd, pd, mask, scale, clamp, inverse)
+        gx, gp = torch.autograd.grad((y, ld), (xd, pd), (grad_y, grad_logdet), allow_unused=True)
+    return gx, (torch.zeros_like(params) if gp is None else gp)
+
+
+def _cuda_fwd(x, params, mask, scale, clamp, inverse):
+    if _backend.has_triton():
+        from ..kernels import affine_coupling as k
+
+        return k.affine_coupling_fwd(x, params, mask, scale, clamp, inverse)
+    return _ref_fwd(x, params, mask, scale, clamp, inverse)
+
+
+def _cuda_bwd(grad_y, grad_logdet, x, params, mask, scale, clamp, inverse):
+    if _backend.has_triton():
+        from ..kernels import affine_coupling as k
+
+        return k.affine_coupling_bwd(grad_y, grad_logdet, x, params, mask, scale, clamp, inverse)
+    return _ref_bwd(grad_y, grad_logdet, x, params, mask, scale, clamp, inverse)
+
+
+def _logdet_dtype(x):
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _fake_fwd(x, params, mask, scale, clamp, inverse):
+    return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=_logdet_dtype(x))
+
+
+def _fake_bwd(grad_y, grad_logdet, x, params, mask, scale, clamp, inverse):
+    return x.new_empty(x.shape), params.new_empty(params.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, params, mask, scale, clamp, inverse = inputs
+    ctx.save_for_backward(x, params, mask)
+    ctx.cfg = (scale, clamp, inverse)
+
+
+def _backward(ctx, grad_y, grad_logdet):
+    x, params, mask = ctx.saved_tensors
+    scale, clamp, inverse = ctx.cfg
+    gx, gp = torch.ops.flowops.affine_coupling_bwd(grad_y, grad_logdet, x, params, mask, scale, clamp, inverse)
+    return gx, gp, None, None, None, None
+
+
+def register() -> bool:
+    """Define (if needed) and wire up the operators. Returns True when C++ kernels back them."""
+    cpp = _backend.has_cpp()
+    if not cpp:
+        lib = torch.library.Library("flowops", "DEF")
+        _libs.append(lib)
+        for name, schema in SCHEMAS.items():
+            lib.define(name + schema)
+        lib.impl("affine_coupling_fwd", _ref_fwd, "CPU")
+        lib.impl("affine_coupling_bwd", _ref_bwd, "CPU")
+    impl = torch.library.Library("flowops", "IMPL")
+    _libs.append(impl)
+    impl.impl("affine_coupling_fwd", _cuda_fwd, "CUDA")
+    impl.impl("affine_coupling_bwd", _cuda_bwd, "CUDA")
+    torch.library.register_fake("flowops::affine_coupling_fwd", _fake_fwd, lib=impl)
+    torch.library.register_fake("flowops::affine_coupling_bwd", _fake_bwd, lib=impl)
+    if cpp:
+        torch.library.register_fake("flowops::affine_coupling", _fake_fwd, lib=impl)
+    torch.library.register_autograd("flowops::affine_coupling_fwd", _backward, setup_context=_setup_context,
+                                    lib=impl)
+    return cpp
+
+
+HAS_CPP_OPS = register()
