@@ -39,7 +39,7 @@ def _extensions():
 
     ext = CppExtension(
         name="flowops._C",
-        sources=["csrc/ops.cpp", "csrc/cpu/affine_coupling.cpp"],
+        sources=["csrc/ops.cpp", "csrc/coupling_mlp.cpp", "csrc/cpu/affine_coupling.cpp"],
         extra_compile_args={"cxx": _native_flags() + ["-fopenmp"]},
         extra_link_args=["-fopenmp"],
     )

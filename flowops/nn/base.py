@@ -38,6 +38,11 @@ class InverseTransform(Transform):
         return self.base.forward(z)
 
 
+# Functions (transforms, x, inverse) -> (y, logdet) | None that run a whole run of layers as one fused
+# call when they apply (registered by layer modules, e.g. MLP couplings on CPU); None means "not fusable".
+STACK_FUSERS = []
+
+
 class Compose(Transform):
     """Applies transforms in order; the log-dets add up."""
 
@@ -56,7 +61,17 @@ class Compose(Transform):
     def __getitem__(self, i):
         return self.transforms[i]
 
+    def _fused(self, x, inverse):
+        for fuser in STACK_FUSERS:
+            out = fuser(self.transforms, x, inverse)
+            if out is not None:
+                return out
+        return None
+
     def forward(self, x):
+        fused = self._fused(x, False)
+        if fused is not None:
+            return fused
         total = None
         for t in self.transforms:
             x, ld = t(x)
@@ -66,6 +81,9 @@ class Compose(Transform):
         return x, total
 
     def inverse(self, z):
+        fused = self._fused(z, True)
+        if fused is not None:
+            return fused
         total = None
         for t in reversed(self.transforms):
             z, ld = t.inverse(z)

@@ -6,9 +6,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import ops
+from .. import _backend, ops
 from ..ops.affine_coupling import SCALES
-from .base import Transform
+from .base import STACK_FUSERS, Transform
 from .conditioners import conv_net, mlp
 
 MASKS = ("half", "alternating", "checkerboard", "channel")
@@ -152,9 +152,65 @@ class AffineCoupling(_Coupling):
             raise ValueError(f"AffineCoupling: clamp must be positive, got {clamp}")
         super().__init__(shape, conditioner, mask, hidden, flip)
         self.scale, self.clamp = scale, float(clamp)
+        self._plan = self._mlp_plan()
 
     def _couple(self, x, params, inverse, mask):
         return ops.affine_coupling(x, params, self.scale, self.clamp, inverse, mask)
+
+    def _mlp_plan(self):
+        """(linears, activation) when the conditioner is a plain Linear/ReLU|Tanh MLP on a split mask."""
+        if self.mask is not None or len(self.shape) != 1 or not isinstance(self.conditioner, nn.Sequential):
+            return None
+        mods = list(self.conditioner)
+        if len(mods) % 2 == 0:
+            return None
+        linears = mods[0::2]
+        acts = mods[1::2]
+        if not all(type(m) is nn.Linear and m.bias is not None for m in linears):
+            return None
+        kinds = {type(a) for a in acts}
+        if kinds and kinds not in ({nn.ReLU}, {nn.Tanh}):
+            return None
+        return linears, ("tanh" if kinds == {nn.Tanh} else "relu")
+
+    def _run(self, x, inverse):
+        fused = _fused_mlp_stack((self,), x, inverse)
+        return fused if fused is not None else super()._run(x, inverse)
+
+
+def _fused_mlp_stack(transforms, x, inverse):
+    """Whole-layer fusion on CPU for MLP-conditioned affine couplings with split masks.
+
+    A run of such layers (split -> MLP -> coupling -> concat, each) becomes one C++ autograd node with
+    a hand-written backward: for the small vector flows people train on CPU, per-op dispatch and
+    autograd bookkeeping cost more than the arithmetic. Returns None when the layers or the input do
+    not qualify, and the caller runs the layers one by one.
+    """
+    if (x.dim() != 2 or x.dtype not in (torch.float32, torch.float64) or not transforms
+            or torch.compiler.is_compiling() or _backend.select(x.device) != "cpp"):
+        return None
+    first = transforms[0]
+    if type(first) is not AffineCoupling or first._plan is None:
+        return None
+    act, scale, clamp, shape = first._plan[1], first.scale, first.clamp, first.shape
+    weights, biases, offsets, pass_starts, pass_lens, trans_starts = [], [], [0], [], [], []
+    for t in transforms:
+        if (type(t) is not AffineCoupling or t._plan is None or t._plan[1] != act or t.scale != scale
+                or t.clamp != clamp or t.shape != shape):
+            return None
+        for lin in t._plan[0]:
+            weights.append(lin.weight)
+            biases.append(lin.bias)
+        offsets.append(len(weights))
+        pass_starts.append(t._pass.start)
+        pass_lens.append(t._pass.stop - t._pass.start)
+        trans_starts.append(t._trans.start)
+    first._check(x)
+    return torch.ops.flowops.coupling_mlp_stack(x, weights, biases, offsets, pass_starts, pass_lens, trans_starts,
+                                                act, scale, clamp, inverse)
+
+
+STACK_FUSERS.append(_fused_mlp_stack)
 
 
 class AdditiveCoupling(_Coupling):
