@@ -26,7 +26,7 @@ class StandardNormal(nn.Module):
         if tuple(z.shape[1:]) != self.shape:
             raise ValueError(f"StandardNormal: expected samples of shape [batch, {self.shape}], got {tuple(z.shape)}")
         # Closed form (same value as self.dist.log_prob, without building distribution objects per call).
-        d = z[0].numel()
+        d = math.prod(self.shape)
         return -0.5 * z.pow(2).flatten(1).sum(1) - 0.5 * d * math.log(2 * math.pi)
 
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -56,5 +56,5 @@ class Flow(nn.Module):
 
     def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Mean negative log-likelihood in bits per dimension (continuous data)."""
-        d = x[0].numel()
+        d = math.prod(x.shape[1:])
         return -self.log_prob(x).mean() / (d * math.log(2.0))
