@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command")
     p_info = sub.add_parser("info", help="which backends are available, and why not")
     p_info.add_argument("--json", action="store_true")
-    sub.add_parser("demo", help="the 2-moons RealNVP example end to end (alias of 'train moons')", add_help=False)
+    sub.add_parser("demo", help="the 2-moons RealNVP example end to end, compared with the reference-op model", add_help=False)
     sub.add_parser("train", help="train a flow: 'flowops train moons --help'", add_help=False)
     sub.add_parser("bench", help="benchmark ops against the eager and compiled reference", add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     if cmd == "demo":
         from . import train
 
-        return train.main(["moons", *rest])
+        return train.main(["demo", *rest])
     if cmd == "train":
         from . import train
 
