@@ -151,6 +151,7 @@ class CouplingMLPStackFn : public torch::autograd::Function<CouplingMLPStackFn> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_first_order("coupling_mlp_stack");
     auto saved = ctx->get_saved_variables();
     auto bases = ctx->saved_data["bases"].toIntVector();
     auto offsets = ctx->saved_data["offsets"].toIntVector();

@@ -29,4 +29,8 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd_cpu(
     const std::optional<at::Tensor>& mask, const std::string& scale,
     double clamp, bool inverse);
 
+// The fused kernels give first-order gradients; a backward run with create_graph=True
+// (grad mode on inside the backward) would silently lose the second-order terms, so it raises.
+void check_first_order(const char* op);
+
 }  // namespace flowops

@@ -8,6 +8,13 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 namespace flowops {
+
+void check_first_order(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "flowops.", op,
+              ": higher-order gradients (backward with create_graph=True) are not supported by the fused kernels; "
+              "run the model under flowops.use_backend('reference') for them");
+}
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -55,6 +62,7 @@ class AffineCouplingFn : public torch::autograd::Function<AffineCouplingFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_first_order("affine_coupling");
     auto saved = ctx->get_saved_variables();
     auto mask = ctx->saved_data["mask"].toOptional<at::Tensor>();
     auto [gx, gp] = call_bwd(grads[0], grads[1], saved[0], saved[1], mask, ctx->saved_data["scale"].toStringRef(),

@@ -36,12 +36,45 @@ def _unflat(mask, x):
 
 
 def _ref_bwd(grad_y, grad_logdet, x, params, mask, scale, clamp, inverse):
-    with torch.enable_grad():
-        xd = x.detach().requires_grad_(True)
-        pd = params.detach().requires_grad_(True)
-        y, ld = _ref_fwd(xd, pd, mask, scale, clamp, inverse)
-        gx, gp = torch.autograd.grad((y, ld), (xd, pd), (grad_y, grad_logdet), allow_unused=True)
-    return gx, (torch.zeros_like(params) if gp is None else gp)
+    """Closed-form backward in plain torch ops (no autograd inside a kernel)."""
+    gy = grad_y.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    ct = gy.dtype
+    bshape = (-1,) + (1,) * (x.dim() - 1)
+    gl = grad_logdet.to(ct).reshape(bshape)
+    keep = None if mask is None else _unflat(mask, x).to(torch.bool)
+    xc = x.to(ct)
+    if scale == "additive":
+        gx = gy
+        gt = -gy if inverse else gy
+        if keep is not None:
+            gt = gt.masked_fill(keep, 0.0)
+        return gx.to(x.dtype), gt.to(params.dtype)
+    c = x.shape[1]
+    raw, shift = params[:, :c].to(ct), params[:, c:].to(ct)
+    if scale == "exp":
+        log_s, g = raw, torch.ones_like(raw)
+    elif scale == "softclamp":
+        th = torch.tanh(raw / clamp)
+        log_s, g = clamp * th, 1.0 - th * th
+    else:
+        u = raw + 2.0
+        log_s = torch.nn.functional.logsigmoid(u)
+        g = torch.sigmoid(-u)
+    if inverse:
+        inv_s = torch.exp(-log_s)
+        xo = (xc - shift) * inv_s
+        gx = gy * inv_s
+        gt = -gx
+        graw = -(gy * xo + gl) * g
+    else:
+        gx = gy * torch.exp(log_s)
+        gt = gy
+        graw = (gx * xc + gl) * g
+    if keep is not None:
+        gx = torch.where(keep, gy, gx)
+        gt = gt.masked_fill(keep, 0.0)
+        graw = graw.masked_fill(keep, 0.0)
+    return gx.to(x.dtype), torch.cat((graw, gt), dim=1).to(params.dtype)
 
 
 def _cuda_fwd(x, params, mask, scale, clamp, inverse):
@@ -79,6 +112,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_logdet):
+    if torch.is_grad_enabled():
+        raise RuntimeError("flowops.affine_coupling: higher-order gradients (backward with create_graph=True) are not "
+                           "supported by the fused kernels; run the model under flowops.use_backend('reference') for them")
     x, params, mask = ctx.saved_tensors
     scale, clamp, inverse = ctx.cfg
     gx, gp = torch.ops.flowops.affine_coupling_bwd(grad_y, grad_logdet, x, params, mask, scale, clamp, inverse)

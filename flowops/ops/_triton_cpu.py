@@ -18,6 +18,9 @@ class TritonCoupling(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_logdet):
+        if torch.is_grad_enabled():
+            raise RuntimeError("flowops.affine_coupling: higher-order gradients (backward with create_graph=True) are "
+                               "not supported by the fused kernels; run under flowops.use_backend('reference')")
         from ..kernels import affine_coupling as k
 
         x, params, mask = ctx.saved_tensors

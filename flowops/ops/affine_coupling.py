@@ -11,23 +11,23 @@ SCALES = ("exp", "softclamp", "sigmoid")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check(x, params, mask, factor, name):
+def _check(x, params, mask, factor, name, pname="params"):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(params, torch.Tensor):
-        raise TypeError(f"{name}: params must be a torch.Tensor, got {type(params).__name__}")
+        raise TypeError(f"{name}: {pname} must be a torch.Tensor, got {type(params).__name__}")
     if x.dtype not in _FLOATS:
         raise TypeError(f"{name}: x must be a floating tensor (float16, bfloat16, float32, float64), got {x.dtype}")
     if params.dtype != x.dtype:
-        raise TypeError(f"{name}: params dtype must match x ({x.dtype}), got {params.dtype}")
+        raise TypeError(f"{name}: {pname} dtype must match x ({x.dtype}), got {params.dtype}")
     if params.device != x.device:
-        raise ValueError(f"{name}: params must be on x's device ({x.device}), got {params.device}")
+        raise ValueError(f"{name}: {pname} must be on x's device ({x.device}), got {params.device}")
     if x.dim() < 2:
         raise ValueError(f"{name}: x must be [batch, features] or [batch, channels, ...], got shape {tuple(x.shape)}")
     expected = (x.shape[0], factor * x.shape[1], *x.shape[2:])
     if tuple(params.shape) != expected:
         what = "the raw scale then the shift" if factor == 2 else "the shift"
-        raise ValueError(f"{name}: params must have shape {expected} ({what} along dim 1) for x of shape "
+        raise ValueError(f"{name}: {pname} must have shape {expected} ({what} along dim 1) for x of shape "
                          f"{tuple(x.shape)}, got {tuple(params.shape)}")
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
@@ -102,7 +102,7 @@ def additive_coupling(x: torch.Tensor, shift: torch.Tensor, inverse: bool = Fals
 
     ``shift`` has x's shape; ``mask`` as in :func:`affine_coupling`.
     """
-    _check(x, shift, mask, 1, "additive_coupling")
+    _check(x, shift, mask, 1, "additive_coupling", "shift")
     return _dispatch(x, shift, mask, "additive", 1.0, bool(inverse))
 
 

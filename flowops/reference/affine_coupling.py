@@ -35,6 +35,9 @@ def affine_coupling(x, params, scale="exp", clamp=2.0, inverse=False, mask=None)
     """
     c = x.shape[1]
     raw, shift = params[:, :c], params[:, c:]
+    keep = None if mask is None else mask.to(torch.bool)
+    if keep is not None:  # pass-through positions ignore their params (and get zero gradient there)
+        raw, shift = raw.masked_fill(keep, 0.0), shift.masked_fill(keep, 0.0)
     log_s = scale_map(raw.float() if raw.dtype in (torch.float16, torch.bfloat16) else raw, scale, clamp)
     xc = x.to(log_s.dtype)
     shift = shift.to(log_s.dtype)
@@ -44,8 +47,7 @@ def affine_coupling(x, params, scale="exp", clamp=2.0, inverse=False, mask=None)
     else:
         y = xc * torch.exp(log_s) + shift
         ld = log_s
-    if mask is not None:
-        keep = mask.to(torch.bool)
+    if keep is not None:
         y = torch.where(keep, xc, y)
         ld = ld.masked_fill(keep, 0.0)
     logdet = ld.flatten(1).sum(1).to(_logdet_dtype(x))
@@ -54,7 +56,8 @@ def affine_coupling(x, params, scale="exp", clamp=2.0, inverse=False, mask=None)
 
 def additive_coupling(x, shift, inverse=False, mask=None):
     """NICE coupling: y = x + t (x = y - t with ``inverse``); the log-det is zero."""
-    y = x - shift if inverse else x + shift
     if mask is not None:
-        y = torch.where(mask.to(torch.bool), x, y)
+        keep = mask.to(torch.bool)
+        shift = shift.masked_fill(keep, 0.0)
+    y = x - shift if inverse else x + shift
     return y, x.new_zeros(x.shape[0], dtype=_logdet_dtype(x))
