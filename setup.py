@@ -4,6 +4,7 @@ Install with `pip install --no-build-isolation -e .` so the extension is built
 against the torch already installed. Set FLOWOPS_NO_EXT=1 to skip the build; flowops then falls back to its
 plain-PyTorch reference on CPU.
 """
+import glob
 import os
 import subprocess
 
@@ -39,7 +40,7 @@ def _extensions():
 
     ext = CppExtension(
         name="flowops._C",
-        sources=["csrc/ops.cpp", "csrc/coupling_mlp.cpp", "csrc/cpu/affine_coupling.cpp"],
+        sources=sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
         extra_compile_args={"cxx": _native_flags() + ["-fopenmp"]},
         extra_link_args=["-fopenmp"],
     )
