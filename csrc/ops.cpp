@@ -65,6 +65,11 @@ class AffineCouplingFn : public torch::autograd::Function<AffineCouplingFn> {
     check_first_order("affine_coupling");
     auto saved = ctx->get_saved_variables();
     auto mask = ctx->saved_data["mask"].toOptional<at::Tensor>();
+    if (!mask.has_value() && ctx->saved_data["scale"].toStringRef() == "additive") {
+      // y = x +- t: both gradients are the upstream gradient itself (negated for the inverse's shift)
+      return {grads[0], ctx->saved_data["inverse"].toBool() ? grads[0].neg() : grads[0], at::Tensor(), at::Tensor(),
+              at::Tensor(), at::Tensor()};
+    }
     auto [gx, gp] = call_bwd(grads[0], grads[1], saved[0], saved[1], mask, ctx->saved_data["scale"].toStringRef(),
                              ctx->saved_data["clamp"].toDouble(), ctx->saved_data["inverse"].toBool());
     return {gx, gp, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

@@ -117,6 +117,8 @@ def _backward(ctx, grad_y, grad_logdet):
                            "supported by the fused kernels; run the model under flowops.use_backend('reference') for them")
     x, params, mask = ctx.saved_tensors
     scale, clamp, inverse = ctx.cfg
+    if scale == "additive" and mask is None:  # y = x +- t: the gradients are grad_y itself
+        return grad_y, (-grad_y if inverse else grad_y), None, None, None, None
     gx, gp = torch.ops.flowops.affine_coupling_bwd(grad_y, grad_logdet, x, params, mask, scale, clamp, inverse)
     return gx, gp, None, None, None, None
 
