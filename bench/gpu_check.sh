@@ -97,5 +97,11 @@ step triton_tests 240 env TRITON_INTERPRET=0 bash -c '
 # 5. the benchmark on CUDA
 step bench 420 env TRITON_INTERPRET=0 "$PY" -m flowops bench --device cuda --json "$OUT/bench_cuda.json"
 
+# 6. MADE / MAF: the masked_linear Triton kernels compiled on CUDA, then the MADE/MAF bench rows
+#    (masked_linear vs the dense-mask reference; MAF sampling vs log_prob and vs the D-pass reference)
+step made_tests 150 env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs tests/test_masked_linear.py tests/test_made.py
+step made_bench 240 env TRITON_INTERPRET=0 "$PY" -m flowops bench --op masked_linear maf --device cuda --no-memory \
+    --json "$OUT/bench_made_cuda.json"
+
 log "done in $(( $(date +%s) - START ))s, status $STATUS; logs in $OUT"
 exit "$STATUS"

@@ -2,3 +2,7 @@
 from .realnvp import RealNVP
 
 __all__ = ["RealNVP"]
+
+from .maf import MAF  # noqa: E402
+
+__all__ += ["MAF"]

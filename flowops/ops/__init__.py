@@ -2,3 +2,11 @@
 from .affine_coupling import additive_coupling, affine_coupling
 
 __all__ = ["affine_coupling", "additive_coupling"]
+from .planar import planar_stack  # noqa: E402
+
+__all__ += ["planar_stack"]
+
+from .made_inverse import made_inverse  # noqa: E402
+from .masked_linear import masked_linear  # noqa: E402
+
+__all__ += ["masked_linear", "made_inverse"]
