@@ -273,17 +273,24 @@ def _parser(prog: str, compare_default: bool) -> argparse.ArgumentParser:
     return p
 
 
+def _valid_counts(task: str, counts: dict, lr: float) -> bool:
+    """Prints a usage error for a negative step count, a non-positive count or learning rate."""
+    for name, value in counts.items():
+        if value < (0 if name == "steps" else 1):
+            print(f"flowops train {task}: --{name} must be {'non-negative' if name == 'steps' else 'positive'}, "
+                  f"got {value}", file=sys.stderr)
+            return False
+    if not lr > 0:
+        print(f"flowops train {task}: --lr must be positive, got {lr}", file=sys.stderr)
+        return False
+    return True
+
+
 def _moons(args) -> int:
     from . import data
 
-    for name in ("steps", "batch", "layers", "hidden", "heldout", "threads"):
-        value = getattr(args, name)
-        if value < (0 if name == "steps" else 1):
-            print(f"flowops train moons: --{name} must be {'non-negative' if name == 'steps' else 'positive'}, "
-                  f"got {value}", file=sys.stderr)
-            return 2
-    if not args.lr > 0:
-        print(f"flowops train moons: --lr must be positive, got {args.lr}", file=sys.stderr)
+    if not _valid_counts("moons", {n: getattr(args, n) for n in ("steps", "batch", "layers", "hidden", "heldout",
+                                                                 "threads")}, args.lr):
         return 2
     clip = args.clip if args.clip > 0 else None
     old_threads = torch.get_num_threads()
@@ -435,14 +442,8 @@ def _maf(rest) -> int:
     args.transforms = args.transforms if args.transforms is not None else (5 if moons_data else 3)
     batch = args.batch if args.batch is not None else (256 if moons_data else 128)
     hidden = args.hidden if args.hidden is not None else 64
-    for name, value in (("steps", steps), ("batch", batch), ("transforms", args.transforms), ("hidden", hidden),
-                        ("threads", args.threads)):
-        if value < (0 if name == "steps" else 1):
-            print(f"flowops train maf: --{name} must be {'non-negative' if name == 'steps' else 'positive'}, "
-                  f"got {value}", file=sys.stderr)
-            return 2
-    if not args.lr > 0:
-        print(f"flowops train maf: --lr must be positive, got {args.lr}", file=sys.stderr)
+    if not _valid_counts("maf", {"steps": steps, "batch": batch, "transforms": args.transforms, "hidden": hidden,
+                                 "threads": args.threads}, args.lr):
         return 2
     clip = args.clip if args.clip > 0 else None
     old_threads = torch.get_num_threads()

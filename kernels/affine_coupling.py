@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _math
+
 SCALE_IDS = {"exp": 0, "softclamp": 1, "sigmoid": 2, "additive": 3}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -48,18 +50,7 @@ _state: dict = {}
 # triton.jit (and rebinds the module names, through which the kernels call the helpers).
 # ---------------------------------------------------------------------------------------
 
-def _tanh(z):
-    # tanh from exp, safe for every z: exp(-2|z|) never overflows. Near zero, where
-    # (1 - e) / (1 + e) cancels, a degree-9 Taylor polynomial takes over (|z| < 0.02:
-    # truncation below 1e-19 relative). Its coefficients are ratios of small integers, so
-    # they are exact in fp64 too (an fp32 literal like 1/3 would not be).
-    a = tl.abs(z)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    z2 = a * a
-    small = a * (1.0 - z2 / 3.0 * (1.0 - 2.0 * z2 / 5.0 * (1.0 - 17.0 * z2 / 42.0 * (1.0 - 62.0 * z2 / 153.0))))
-    t = tl.where(a < 0.02, small, big)
-    return tl.where(z < 0.0, -t, t)
+_tanh = None  # the shared device tanh (kernels/_math.py), bound by _load()
 
 
 def _log1p_unit(w):
@@ -200,7 +191,8 @@ def _load():
 
         g = globals()
         g["tl"] = language
-        for name in ("_tanh", "_log1p_unit", "_log_scale"):
+        g["_tanh"] = _math.jitted_tanh()
+        for name in ("_log1p_unit", "_log_scale"):
             g[name] = triton.jit(g[name])
         _state["fwd"] = triton.jit(_coupling_fwd_kernel)
         _state["bwd"] = triton.jit(_coupling_bwd_kernel)

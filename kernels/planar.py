@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _math
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TILE = 2048  # elements per program tile (ROWS * BLOCK_D)
 
@@ -33,15 +35,7 @@ tl = None  # triton.language, bound by _load()
 _state: dict = {}
 
 
-def _tanh(z):
-    # tanh from exp, safe for every z; a Taylor polynomial near zero where (1 - e)/(1 + e) cancels.
-    a = tl.abs(z)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    z2 = a * a
-    small = a * (1.0 - z2 / 3.0 * (1.0 - 2.0 * z2 / 5.0 * (1.0 - 17.0 * z2 / 42.0 * (1.0 - 62.0 * z2 / 153.0))))
-    t = tl.where(a < 0.02, small, big)
-    return tl.where(z < 0.0, -t, t)
+_tanh = None  # the shared device tanh (kernels/_math.py), bound by _load()
 
 
 def _planar_fwd_kernel(z_ptr, w_ptr, u_ptr, b_ptr, c_ptr, out_ptr, ld_ptr, B, D, K,
@@ -119,7 +113,7 @@ def _load():
 
         g = globals()
         g["tl"] = language
-        g["_tanh"] = triton.jit(g["_tanh"])
+        g["_tanh"] = _math.jitted_tanh()
         _state["fwd"] = triton.jit(_planar_fwd_kernel)
         _state["bwd"] = triton.jit(_planar_bwd_kernel)
     return _state["fwd"], _state["bwd"], tl
