@@ -1,5 +1,6 @@
 """flowops.ops.masked_linear against F.linear(x, weight * mask, bias): outputs, all gradients,
 gradcheck, opcheck, torch.compile, the Triton kernels under the interpreter, bad inputs."""
+import importlib
 import os
 
 import pytest
@@ -153,6 +154,83 @@ def test_bad_inputs(bad):
         args["x"], err = x.tolist(), TypeError
     with pytest.raises(err, match="masked_linear"):
         masked_linear(**args)
+
+
+# ---- the CPU staircase: rectangle cover (forward), column blocks (grad_x, grad_weight) -------------------
+def test_rect_cover_is_an_exact_disjoint_cover():
+    from flowops.ops.masked_linear import _rect_cover
+
+    g = torch.Generator().manual_seed(3)
+    for n_out, leaf in ((1, 4), (7, 2), (64, 64), (100, 8), (257, 16), (1024, 64)):
+        pre = torch.sort(torch.randint(0, 90, (n_out,), generator=g)).values
+        pre[n_out // 2:] = torch.clamp(pre[n_out // 2:], min=40)  # a flat stretch: long equal prefixes
+        pre = pre.tolist()
+        n_in = max(pre) + 3
+        mask = torch.arange(n_in).reshape(1, -1) < torch.tensor(pre).reshape(-1, 1)
+        count = torch.zeros(n_out, n_in, dtype=torch.int64)
+        for o0, o1, c0, c1, masked in _rect_cover(pre, leaf):
+            assert 0 <= o0 < o1 <= n_out and 0 <= c0 < c1 <= n_in
+            count[o0:o1, c0:c1] += 1
+            if masked:
+                assert o1 - o0 <= leaf
+            else:  # full rectangles lie inside the connectivity
+                assert bool(mask[o0:o1, c0:c1].all())
+        assert int(count.max()) == 1  # disjoint
+        assert bool((count[mask] == 1).all())  # covers every connection
+        # the covered area is the area of leaf-row blocks (each leaf up to its last row's prefix)
+        blocks = sum((min(o + leaf, n_out) - o) * pre[min(o + leaf, n_out) - 1] for o in range(0, n_out, leaf))
+        assert int(count.sum()) == blocks
+
+
+@pytest.mark.parametrize("leaf,gw_block,block", [(2, 3, 4), (64, 256, 128), (1, 1, 1), (5, 512, 7)])
+@pytest.mark.parametrize("strict", [False, True])
+def test_cpu_paths_with_small_blocks(monkeypatch, leaf, gw_block, block, strict):
+    """Many leaves, column blocks with no connected output (strict, high in-degrees), blocks
+    fully connected, short last blocks; outputs and gradients against the dense mask."""
+    mod = importlib.import_module("flowops.ops.masked_linear")
+    monkeypatch.setattr(mod, "FWD_LEAF", leaf)
+    monkeypatch.setattr(mod, "GW_BLOCK", gw_block)
+    monkeypatch.setattr(mod, "BLOCK", block)
+    monkeypatch.setattr(mod, "_PLANS", {})
+    g = torch.Generator().manual_seed(11)
+    b, n_in, n_out = 6, 47, 53
+    di = torch.sort(torch.randint(1, 10, (n_in,), generator=g)).values
+    do = torch.sort(torch.randint(1, 10, (n_out,), generator=g)).values
+    di[-5:] = 10  # no output sees these inputs (both modes)
+    do[:4] = 1  # these outputs see little (nothing in strict mode)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(b, n_in, dtype=dtype, generator=g).requires_grad_()
+        w = torch.randn(n_out, n_in, dtype=dtype, generator=g).requires_grad_()
+        bb = torch.randn(n_out, dtype=dtype, generator=g).requires_grad_()
+        y = masked_linear(x, w, bb, di, do, strict)
+        mask = degree_mask(di, do, strict).to(dtype)
+        y_ref = F.linear(x, w * mask, bb)
+        torch.testing.assert_close(y, y_ref, **TOL[dtype])
+        gy = torch.randn(b, n_out, dtype=dtype, generator=g)
+        grads = torch.autograd.grad(y, (x, w, bb), gy)
+        for got, want in zip(grads, torch.autograd.grad(y_ref, (x, w, bb), gy)):
+            torch.testing.assert_close(got, want, **TOL[dtype])
+        assert torch.all(grads[1][mask == 0] == 0)  # exactly zero outside the connectivity
+        assert torch.all(grads[0][:, -5:] == 0)  # inputs no output sees
+        # gradient of the weight only: the other buffers are not needed
+        (gw,) = torch.autograd.grad(masked_linear(x.detach(), w, None, di, do, strict), (w,), gy)
+        torch.testing.assert_close(gw, grads[1], **TOL[dtype])
+
+
+def test_cpu_backward_writes_every_element():
+    """The CPU backward fills uninitialized buffers: poison the allocator's recycled memory with
+    NaN first and check that no NaN reaches the gradients."""
+    di = hidden_degrees(16, 300)
+    do = hidden_degrees(16, 290)
+    x = torch.randn(33, 300).requires_grad_()
+    w = torch.randn(290, 300).requires_grad_()
+    for _ in range(3):
+        junk = torch.full((300 * 300,), float("nan"))
+        del junk
+        gx, gw = torch.autograd.grad(masked_linear(x, w, None, di, do, True), (x, w), torch.randn(33, 290))
+        assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
+        mask = degree_mask(di, do, True)
+        assert torch.all(gw[~mask] == 0)
 
 
 # ---- Triton kernels (CPU under TRITON_INTERPRET=1; CUDA when present) -------------------------------------

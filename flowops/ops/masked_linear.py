@@ -3,14 +3,16 @@ connectivity ``M[o, i] = in_degrees[i] < out_degrees[o]`` (``strict``) or ``<=``
 the degrees.
 
 When both degree vectors are sorted (non-decreasing), ``M`` is a staircase: output row ``o``
-sees a prefix of the inputs, and the prefix grows with ``o``. The CPU/fallback kernel cuts the
-outputs into blocks of ``BLOCK`` rows; block ``[o0, o1)`` multiplies only the input prefix
-``[0, p1)`` its last row can see, of which the columns ``[0, p0)`` are fully connected and only
-the thin band ``[p0, p1)`` needs the mask (built from the degrees of that band only). The
-all-zero tiles to the right of the staircase are never read, multiplied or written, forward and
-backward: grad_x accumulates per block into the prefix ``[0, p1)``, grad_weight is computed
-only inside the staircase and is zero outside the connectivity by construction. The products
-are ``torch.addmm`` on sub-blocks (BLAS with leading dimensions, no copies of x).
+sees a prefix of the inputs, and the prefix grows with ``o``. The CPU/fallback kernel never reads,
+multiplies or writes the all-zero tiles to the right of the staircase, forward and backward. The
+forward covers the staircase with disjoint rectangles (:func:`_rect_cover`): the lower half of an
+output range is fully connected to the input prefix its first row sees (one large product), then
+each half recursively, down to leaves of ``FWD_LEAF`` rows where only the thin band at the stair
+edge is masked (built from the degrees of that band). grad_x runs by blocks of ``BLOCK`` input
+columns over the output rows that see them (fully connected rows straight from the weight, band
+rows from a small masked copy); grad_weight by blocks of ``GW_BLOCK`` input columns, only inside
+the staircase, and is zero outside the connectivity by construction. The products are
+``addmm_`` on strided views (BLAS with leading dimensions, no copies of x or of the outputs).
 
 On CUDA the Triton kernels in ``flowops.kernels.masked_linear`` do the same with per-tile
 bounds on the reduction loop (as causal attention does). Degrees that are not sorted run the
@@ -27,7 +29,9 @@ import torch
 from .. import _backend
 from .. import reference
 
-BLOCK = 128  # output rows per staircase block on CPU
+BLOCK = 128  # output rows per staircase block on CPU (forward), input columns per grad_x block
+GW_BLOCK = 256  # input columns per grad_weight block on CPU
+FWD_LEAF = 64  # output rows per masked leaf of the forward's rectangle cover
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -53,6 +57,44 @@ def staircase_plan(in_degrees: torch.Tensor, out_degrees: torch.Tensor, strict: 
     return [tuple(r) for r in rows]
 
 
+def _col_plan(in_degrees, out_degrees, strict, block_in, is_sorted):
+    """``[(c0, c1, o_first, o_full)]`` per input-column block, with the masks of the band rows."""
+    cols, bands = [], []
+    n_in = in_degrees.numel()
+    if is_sorted and n_in and out_degrees.numel():
+        c_starts = torch.arange(0, n_in, block_in, device=in_degrees.device)
+        c_last = torch.clamp(c_starts + block_in, max=n_in) - 1
+        od = out_degrees.contiguous()
+        o_first = torch.searchsorted(od, in_degrees[c_starts].contiguous(), right=bool(strict))
+        o_full = torch.searchsorted(od, in_degrees[c_last].contiguous(), right=bool(strict))
+        for c0, c1, of, ofu in torch.stack((c_starts, c_last + 1, o_first, o_full)).t().tolist():
+            cols.append((c0, c1, of, ofu))
+            bands.append(reference.degree_mask(in_degrees[c0:c1], out_degrees[of:ofu], strict) if ofu > of else None)
+    return cols, bands
+
+
+def _rect_cover(pre, leaf):
+    """Cover the staircase ``M[o, :pre[o]]`` (``pre`` non-decreasing) with disjoint rectangles
+    ``(o0, o1, c0, c1, masked)``: recursively, rows ``[m, b)`` of ``[a, b)`` (``m`` the middle) are
+    fully connected to the columns ``[c, pre[m])`` (one large product); the two halves cover the
+    rest, down to leaves of ``leaf`` rows that multiply their band ``[c, pre[b - 1])`` masked.
+    Same area as blocks of ``leaf`` rows, with most of it in a few large products."""
+    out = []
+    stack = [(0, len(pre), 0)]
+    while stack:
+        a, b, c = stack.pop()
+        if b - a <= leaf:
+            if pre[b - 1] > c:
+                out.append((a, b, c, pre[b - 1], True))
+            continue
+        m = a + ((b - a) // 2 + leaf - 1) // leaf * leaf
+        if pre[m] > c:
+            out.append((m, b, c, pre[m], False))
+        stack.append((m, b, max(c, pre[m])))
+        stack.append((a, m, c))
+    return out
+
+
 class _Plan:
     """The staircase of one (in_degrees, out_degrees, strict) triple, with the band masks."""
 
@@ -60,22 +102,18 @@ class _Plan:
         block_in = BLOCK if block_in is None else int(block_in)
         self.sorted = _is_sorted(in_degrees) and _is_sorted(out_degrees)
         self.blocks = staircase_plan(in_degrees, out_degrees, strict) if self.sorted else []
-        self.bands = [reference.degree_mask(in_degrees[p0:p1], out_degrees[o0:o1], strict) if p1 > p0 else None
-                      for o0, o1, p0, p1 in self.blocks]
-        # grad_x by input-column blocks [c0, c1): rows [o_full, out) see the whole block, rows
-        # [o_first, o_full) a part of it (masked band), rows before o_first nothing
-        self.cols, self.col_bands = [], []
-        n_in = in_degrees.numel()
-        if self.sorted and n_in and out_degrees.numel():
-            c_starts = torch.arange(0, n_in, block_in, device=in_degrees.device)
-            c_last = torch.clamp(c_starts + block_in, max=n_in) - 1
-            od = out_degrees.contiguous()
-            o_first = torch.searchsorted(od, in_degrees[c_starts].contiguous(), right=bool(strict))
-            o_full = torch.searchsorted(od, in_degrees[c_last].contiguous(), right=bool(strict))
-            for c0, c1, of, ofu in torch.stack((c_starts, c_last + 1, o_first, o_full)).t().tolist():
-                self.cols.append((c0, c1, of, ofu))
-                self.col_bands.append(reference.degree_mask(in_degrees[c0:c1], out_degrees[of:ofu], strict)
-                                      if ofu > of else None)
+        # grad_x (blocks of block_in columns) and grad_weight (blocks of GW_BLOCK columns) by
+        # input-column blocks [c0, c1): rows [o_full, out) see the whole block, rows [o_first, o_full)
+        # a part of it (masked band), rows before o_first nothing
+        self.cols, self.col_bands = _col_plan(in_degrees, out_degrees, strict, block_in, self.sorted)
+        self.wcols, self.wcol_bands = _col_plan(in_degrees, out_degrees, strict, GW_BLOCK, self.sorted)
+        # forward: a rectangle cover of the staircase (large fully connected products + masked leaves)
+        self.rects = []
+        if self.sorted and in_degrees.numel() and out_degrees.numel():
+            pre = torch.searchsorted(in_degrees.contiguous(), out_degrees.contiguous(), right=not strict).tolist()
+            for o0, o1, c0, c1, masked in _rect_cover(pre, FWD_LEAF):
+                band = reference.degree_mask(in_degrees[c0:c1], out_degrees[o0:o1], strict) if masked else None
+                self.rects.append((o0, o1, c0, c1, band))
         # one block (small layers): the whole connected prefix [0, p1) with its mask, in one product
         self.single = None
         if len(self.blocks) == 1:
@@ -115,12 +153,11 @@ def _fwd_blocked(x, weight, bias, plan):
         y = x.new_zeros((n, n_out))
     if n == 0:
         return y
-    for (o0, o1, p0, p1), band in zip(plan.blocks, plan.bands):
-        out = y[:, o0:o1]  # a strided view: BLAS writes it in place (leading dimension n_out)
-        if p0 > 0:
-            out.addmm_(x[:, :p0], weight[o0:o1, :p0].t())
-        if band is not None:
-            out.addmm_(x[:, p0:p1], (weight[o0:o1, p0:p1] * band).t())
+    for o0, o1, c0, c1, band in plan.rects:
+        w = weight[o0:o1, c0:c1]
+        if band is not None:  # a leaf: a small masked copy of its band
+            w = w * band
+        y[:, o0:o1].addmm_(x[:, c0:c1], w.t())  # a strided view: BLAS writes it in place (leading dimension n_out)
     return y
 
 
@@ -138,26 +175,38 @@ def _bwd_blocked(grad, x, weight, plan, need_x, need_w, need_b):
             if p1 < n_in:
                 gw = torch.nn.functional.pad(gw, (0, n_in - p1))
         return gx, gw, (grad.sum(0) if need_b else None)
-    gx = x.new_zeros(x.shape) if need_x else None
-    gw = weight.new_zeros(weight.shape) if need_w else None
-    if x.shape[0] > 0:
-        if need_x:
-            for (c0, c1, of, ofu), band in zip(plan.cols, plan.col_bands):
-                if of >= grad.shape[1]:
-                    continue  # no output sees these inputs
-                w = weight[of:, c0:c1]
-                if band is not None:  # one product: the band rows masked in a small copy
-                    w = w.clone()
-                    w[:ofu - of].mul_(band)
-                # a strided view of gx written in place; beta=0 skips reading the zeros
-                gx[:, c0:c1].addmm_(grad[:, of:], w, beta=0)
-        if need_w:
-            for (o0, o1, p0, p1), band in zip(plan.blocks, plan.bands):
-                if p1 > 0:
-                    blk = gw[o0:o1, :p1]
-                    blk.addmm_(grad[:, o0:o1].t(), x[:, :p1], beta=0)
-                    if band is not None:
-                        blk[:, p0:p1].mul_(band)
+    if x.shape[0] == 0:
+        return (x.new_zeros(x.shape) if need_x else None, weight.new_zeros(weight.shape) if need_w else None,
+                grad.sum(0) if need_b else None)
+    n_out = grad.shape[1]
+    # Every element of gx and gw is written exactly once (products with beta=0 into strided views,
+    # or zero_ where nothing connects), so the buffers start uninitialized.
+    gx = gw = None
+    if need_x:
+        gx = x.new_empty(x.shape)
+        for (c0, c1, of, ofu), band in zip(plan.cols, plan.col_bands):
+            out = gx[:, c0:c1]
+            if of >= n_out:  # no output sees these inputs
+                out.zero_()
+                continue
+            # rows [ofu, out) see the whole column block: straight from weight, no copy
+            if ofu < n_out:
+                out.addmm_(grad[:, ofu:], weight[ofu:, c0:c1], beta=0)
+            else:
+                out.zero_()
+            if band is not None:  # rows [of, ofu): a small masked copy of the band
+                out.addmm_(grad[:, of:ofu], weight[of:ofu, c0:c1] * band)
+    if need_w:
+        gw = weight.new_empty(weight.shape)
+        for (c0, c1, of, ofu), band in zip(plan.wcols, plan.wcol_bands):
+            if of > 0:
+                gw[:of, c0:c1].zero_()  # outside the connectivity
+            if of >= n_out:
+                continue
+            blk = gw[of:, c0:c1]
+            blk.addmm_(grad[:, of:].t(), x[:, c0:c1], beta=0)
+            if band is not None:
+                blk[:ofu - of].mul_(band)
     gb = grad.sum(0) if need_b else None
     return gx, gw, gb
 
