@@ -6,3 +6,6 @@ __all__ = ["RealNVP"]
 from .maf import MAF  # noqa: E402
 
 __all__ += ["MAF"]
+from .glow import Glow, GlowTransform  # noqa: E402
+
+__all__ += ["Glow", "GlowTransform"]

@@ -12,3 +12,8 @@ __all__ += ["MADE", "MAF", "IAF"]
 from .planar import Planar, PlanarStack, Radial  # noqa: E402
 
 __all__ += ["Planar", "PlanarStack", "Radial"]
+from .glow import ActNorm, GlowAdditiveCoupling, GlowAffineCoupling, GlowStep, InvConv1x1, Split, Squeeze  # noqa: E402
+from .preprocess import LogitTransform, bits_per_dim, dequantize, discrete_bits_per_dim  # noqa: E402
+
+__all__ += ["ActNorm", "InvConv1x1", "Squeeze", "Split", "GlowStep", "GlowAffineCoupling", "GlowAdditiveCoupling",
+            "LogitTransform", "dequantize", "bits_per_dim", "discrete_bits_per_dim"]
