@@ -30,3 +30,40 @@ def bench_config(request):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def bench_matrix(ops):
+    """pytest params (op, shape, direction, impl) over the ops' small shapes, from flowops.benchmark's registry."""
+    from flowops import benchmark as fb
+
+    for op in ops:
+        spec = fb.OPS[op]
+        for shape in spec.small_shapes:
+            for direction in spec.directions:
+                for impl in fb.IMPLS:
+                    yield pytest.param(op, shape, direction, impl,
+                                       id=f"{op}-{'x'.join(map(str, shape))}-{direction}-{impl}")
+
+
+def run_bench_case(benchmark, config, op, shape, direction, impl, memory=True):
+    """Build one flowops.benchmark case and hand its callable to pytest-benchmark."""
+    from flowops import benchmark as fb
+    from flowops import use_backend
+
+    spec = fb.OPS[op]
+    case = fb.make_case(op, shape, direction, config.dtype, config.device, spec.options(config))
+    with use_backend("auto"):
+        if impl == "compiled" and case.compile() is None:
+            pytest.skip(f"torch.compile of the reference failed: {case.compile_error}")
+        fn = fb.synced(case.callable(impl), case.device)
+        for _ in range(3):  # warm-up (the compile, if any, already happened above)
+            fn()
+        benchmark.group = f"{op} {'x'.join(map(str, shape))} {direction}"
+        benchmark.extra_info.update(bytes=case.bytes, backend=fb.resolved_backend(case.device, case.dtype),
+                                    label=case.label, compile_s=case.compile_s)
+        if memory:
+            benchmark.extra_info["peak_bytes"] = fb.peak_memory(fn, case.device)
+        benchmark(fn)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.median > 0:
+        benchmark.extra_info["gbps_median"] = case.bytes / stats.stats.median / 1e9
