@@ -286,6 +286,35 @@ def _valid_counts(task: str, counts: dict, lr: float) -> bool:
     return True
 
 
+def _report_comparison(fused, ref, metrics: dict) -> bool:
+    """Prints and records the reference twin's run against the fused one; False if its NLL is not finite."""
+    diff = fused.heldout_nll - ref.heldout_nll
+    ratio = ref.train_time / fused.train_time if fused.train_time > 0 else float("nan")
+    step_ratio = statistics.median(r / f for r, f in zip(ref.step_time, fused.step_time) if f > 0) \
+        if fused.step_time else float("nan")
+    print(f"{'reference':<9} ({ref.optimizer}): train {ref.train_time:6.2f} s "
+          f"({1e3 * ref.median_step:.2f} ms/step median)  held-out NLL {ref.heldout_nll:.4f} nats  "
+          f"(last-100-step train NLL {ref.final_nll():.4f})")
+    print(f"held-out NLL difference ({fused.backend} - reference): {diff:+.4f} nats; "
+          f"training-time ratio reference/{fused.backend}: {ratio:.2f}x "
+          f"(median per-step ratio {step_ratio:.2f}x)")
+    metrics.update(reference=ref.summary(), nll_diff=diff, time_ratio=ratio, step_time_ratio=step_ratio)
+    return math.isfinite(ref.heldout_nll)
+
+
+def _finish(json_path, metrics: dict, ok: bool) -> int:
+    """Writes the metrics JSON (when asked) and turns a diverged run into exit status 1."""
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as fh:
+            json.dump(metrics, fh, indent=2)
+        print(f"metrics: {os.path.abspath(json_path)}")
+    if not ok:
+        print("error: the held-out NLL is not finite (training diverged)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _moons(args) -> int:
     from . import data
 
@@ -340,21 +369,10 @@ def _moons(args) -> int:
             # The same trained weights under the other backend: isolates the op from the training path.
             with _backend.use_backend("reference"):
                 cross = evaluate_nll(models[0], heldout_x)
-            diff = fused.heldout_nll - ref.heldout_nll
-            ratio = ref.train_time / fused.train_time if fused.train_time > 0 else float("nan")
-            step_ratio = statistics.median(r / f for r, f in zip(ref.step_time, fused.step_time) if f > 0) \
-                if fused.step_time else float("nan")
-            print(f"{'reference':<9} ({ref.optimizer}): train {ref.train_time:6.2f} s "
-                  f"({1e3 * ref.median_step:.2f} ms/step median)  held-out NLL {ref.heldout_nll:.4f} nats  "
-                  f"(last-100-step train NLL {ref.final_nll():.4f})")
-            print(f"held-out NLL difference ({fused.backend} - reference): {diff:+.4f} nats; "
-                  f"training-time ratio reference/{fused.backend}: {ratio:.2f}x "
-                  f"(median per-step ratio {step_ratio:.2f}x)")
+            ok = _report_comparison(fused, ref, metrics) and ok
             print(f"the {fused.backend}-trained model evaluated with the reference ops: {cross:.6f} nats "
                   f"(|diff| {abs(cross - fused.heldout_nll):.1e})")
-            metrics.update(reference=ref.summary(), nll_diff=diff, time_ratio=ratio, step_time_ratio=step_ratio,
-                           fused_model_reference_eval_nll=cross)
-            ok = ok and math.isfinite(ref.heldout_nll)
+            metrics.update(fused_model_reference_eval_nll=cross)
         if args.plot:
             from .plots import moons_figure
 
@@ -369,14 +387,7 @@ def _moons(args) -> int:
         if args.json:
             metrics["history"] = {key: {"nll": h.nll, "grad_norm": h.grad_norm}
                                   for key, h in zip(("fused", "reference"), histories)}
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as fh:
-                json.dump(metrics, fh, indent=2)
-            print(f"metrics: {os.path.abspath(args.json)}")
-        if not ok:
-            print("error: the held-out NLL is not finite (training diverged)", file=sys.stderr)
-            return 1
-        return 0
+        return _finish(args.json, metrics, ok)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -521,25 +532,8 @@ def _maf(rest) -> int:
         metrics.update(sample_one_pass_s=t_one, sample_d_pass_s=t_ref, sample_rel_diff=err)
         if args.compare:
             ref = histories[1]
-            diff = fused.heldout_nll - ref.heldout_nll
-            ratio = ref.train_time / fused.train_time if fused.train_time > 0 else float("nan")
-            step_ratio = statistics.median(r / f for r, f in zip(ref.step_time, fused.step_time) if f > 0) \
-                if fused.step_time else float("nan")
-            print(f"{'reference':<9} ({ref.optimizer}): train {ref.train_time:6.2f} s "
-                  f"({1e3 * ref.median_step:.2f} ms/step median)  held-out NLL {ref.heldout_nll:.4f}")
-            print(f"held-out NLL difference ({fused.backend} - reference): {diff:+.4f} nats; training-time ratio "
-                  f"reference/{fused.backend}: {ratio:.2f}x (median per-step ratio {step_ratio:.2f}x)")
-            metrics.update(reference=ref.summary(), nll_diff=diff, time_ratio=ratio, step_time_ratio=step_ratio)
-            ok = ok and math.isfinite(ref.heldout_nll)
-        if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as fh:
-                json.dump(metrics, fh, indent=2)
-            print(f"metrics: {os.path.abspath(args.json)}")
-        if not ok:
-            print("error: the held-out NLL is not finite (training diverged)", file=sys.stderr)
-            return 1
-        return 0
+            ok = _report_comparison(fused, ref, metrics) and ok
+        return _finish(args.json, metrics, ok)
     finally:
         torch.set_num_threads(old_threads)
 
