@@ -544,9 +544,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks = {"moons": "fit RealNVP to 2-moons (add --compare to also train with the reference ops)",
              "demo": "the 2-moons example with --compare on by default (what 'flowops demo' runs)",
              "vi": "fit a flow to an unnormalized target by maximizing the ELBO ('flowops train vi --help')",
-             "maf": "fit a MAF to 2-moons or breast_cancer ('flowops train maf --help')"}
+             "maf": "fit a MAF to 2-moons or breast_cancer ('flowops train maf --help')",
+             "glow": "fit Glow to scikit-learn's 8x8 digits, bits/dim and samples ('flowops train glow --help')",
+             "ffjord": "fit an FFJORD continuous flow to 2-moons ('flowops train ffjord --help')"}
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: flowops train {moons,demo,vi,maf} [options]\n\ntasks:")
+        print("usage: flowops train {moons,demo,vi,maf,glow,ffjord} [options]\n\ntasks:")
         for name, text in tasks.items():
             print(f"  {name:<6} {text}")
         print("\n'flowops train moons --help' lists the options.")
@@ -558,6 +560,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return vi.main(rest)
     if task == "maf":
         return _maf(rest)
+    if task == "glow":
+        from . import glow_train
+
+        return glow_train.main(rest)
+    if task == "ffjord":
+        from . import cnf_train
+
+        return cnf_train.main(rest)
     if task not in tasks:
         print(f"flowops train: unknown task {task!r}; choose from {sorted(tasks)}", file=sys.stderr)
         return 2
