@@ -780,6 +780,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--op=reversible" in argv or any(a == "--op" and b == "reversible" for a, b in zip(argv, argv[1:])):
+        # Memory-vs-depth bench of reversible recomputation: its own runner (flowops.bench_reversible).
+        from . import bench_reversible
+
+        i = argv.index("--op=reversible") if "--op=reversible" in argv else argv.index("--op")
+        return bench_reversible.main(argv[:i] + argv[i + (1 if argv[i] == "--op=reversible" else 2):])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -1081,6 +1087,281 @@ def format_targets(records: list) -> str:  # noqa: F811 - extends the target lin
                          f"{v:.1f}x (>= {PLANAR_TARGET:g}x: {'met' if v >= PLANAR_TARGET else 'MISSED'})")
     if lines:
         text += "\n  planar targets:\n" + "\n".join(lines)
+    return text
+
+
+# ============================================================================================
+# Glow (issue 4): the fused actnorm_invconv op against ActNorm then the 1x1 convolution; the
+# InvConv1x1 inverse (sampling direction: cached triangular-solve W^-1) against its own forward and
+# against a reference that rebuilds W and calls torch.linalg.inv every call; one Glow training step
+# (L=3, K=8, hidden 128, 32x32x3, batch 16) with the flowops backend against the same model run
+# under flowops.use_backend("reference").
+# ============================================================================================
+GLOW_TARGETS = {"actnorm_invconv_fwd+bwd": 1.5, "invconv_inverse_over_forward": 1.2, "glow_step": 1.25}
+_glow_cache: dict = {}
+
+
+def _aic_inputs(shape, dtype, device, generator, opts):
+    if len(shape) < 2:
+        raise ValueError(f"actnorm_invconv shapes are batch x channels [x spatial...], got {shape}")
+    c = shape[1]
+    q, _ = torch.linalg.qr(torch.randn(c, c, generator=generator, dtype=torch.float64))
+    w = q + 0.1 * torch.randn(c, c, generator=generator, dtype=torch.float64)
+    to = dict(dtype=dtype, device=device)
+    return (_randn(shape, dtype, device, generator), _randn((c,), dtype, device, generator, std=0.3),
+            _randn((c,), dtype, device, generator, std=0.5), w.to(**to),
+            torch.linalg.slogdet(w)[1].to(**to))
+
+
+def _aic_ref(x, log_scale, bias, weight, w_logdet, inverse=False):
+    from .reference.actnorm_invconv import actnorm_invconv as ref
+
+    return ref(x, log_scale, bias, weight, w_logdet, inverse)
+
+
+def _aic_fused(x, log_scale, bias, weight, w_logdet, inverse=False):
+    return _ops.actnorm_invconv(x, log_scale, bias, weight, w_logdet, inverse)
+
+
+register_op(OpSpec(
+    name="actnorm_invconv", make_inputs=_aic_inputs, reference=_aic_ref, flowops=_aic_fused,
+    shapes=[(64, 48, 16, 16), (16, 12, 16, 16), (16, 48, 4, 4)], quick_shapes=[(4, 6, 5, 3), (3, 5, 7)],
+    small_shapes=[(16, 12, 16, 16)],
+    labels={(64, 48, 16, 16): "reference: ActNorm ((x + b) * exp(s)) then F.conv2d 1x1",
+            (16, 12, 16, 16): "Glow level 1 at batch 16", (16, 48, 4, 4): "Glow level 3 at batch 16"},
+))
+
+
+def _invconv_layer(shape, dtype, device):
+    from .nn.glow import InvConv1x1
+
+    key = ("invconv", shape[1], dtype, str(device))
+    if key not in _glow_cache:
+        gen = torch.Generator().manual_seed(2)
+        layer = InvConv1x1(shape[1], generator=gen)
+        with torch.no_grad():  # trained-looking factors instead of the orthogonal initialization
+            layer.lower.add_(0.1 * torch.randn(layer.lower.shape, generator=gen))
+            layer.upper.add_(0.1 * torch.randn(layer.upper.shape, generator=gen))
+            layer.log_s.add_(0.1 * torch.randn(layer.log_s.shape, generator=gen))
+        _glow_cache[key] = layer.to(device=device, dtype=dtype).requires_grad_(False)
+    return _glow_cache[key]
+
+
+def _ic_inputs(shape, dtype, device, generator, opts):
+    _invconv_layer(shape, dtype, device)
+    return (_randn(shape, dtype, device, generator),)
+
+
+def _ic_ref(x, inverse=False):
+    """Rebuild W from the LU factors every call; the inverse calls torch.linalg.inv on it."""
+    from .reference.actnorm_invconv import channel_matmul, lu_inverse_weight_by_inv, lu_weight
+
+    m = _glow_cache[("invconv", x.shape[1], x.dtype, str(x.device))]
+    args = (m.perm, m.lower, m.upper, m.sign, m.log_s)
+    w = lu_inverse_weight_by_inv(*args) if inverse else lu_weight(*args)
+    return channel_matmul(x, w)
+
+
+def _ic_fused(x, inverse=False):
+    m = _glow_cache[("invconv", x.shape[1], x.dtype, str(x.device))]
+    with torch.no_grad():  # sampling: no gradients, so the inverse reuses its cached triangular-solve W^-1
+        return (m.inverse(x) if inverse else m(x))[0]
+
+
+register_op(OpSpec(
+    name="invconv_inverse", make_inputs=_ic_inputs, reference=_ic_ref, flowops=_ic_fused,
+    shapes=[(64, 48, 16, 16), (16, 48, 4, 4)], quick_shapes=[(4, 6, 5, 3)], small_shapes=[(16, 48, 4, 4)],
+    directions=("forward", "inverse"),
+    labels={(64, 48, 16, 16): "InvConv1x1 without grad; reference: W rebuilt from LU each call + F.conv2d, "
+                              "inverse adds torch.linalg.inv(W)"},
+))
+
+
+def _glow_model(shape, dtype, device):
+    from .models.glow import Glow
+
+    key = ("glow", tuple(shape), dtype, str(device))
+    if key not in _glow_cache:
+        torch.manual_seed(3)
+        n, c, h, w = shape
+        model = Glow((c, h, w), levels=3, steps=8, hidden=128)
+        with torch.no_grad():  # non-trivial couplings and split priors (the last convs start at zero)
+            for mod in model.modules():
+                if isinstance(mod, torch.nn.Conv2d) and not bool(mod.weight.any()):
+                    mod.weight.normal_(0.0, 1e-3)
+        model = model.to(device=device, dtype=dtype)
+        model.train()
+        with torch.no_grad(), _glow_backend("reference"):
+            model.log_prob(torch.randn(shape, dtype=dtype, device=device))  # ActNorm data-dependent init
+        _glow_cache[key] = model
+    return _glow_cache[key]
+
+
+def _glow_backend(name):
+    from . import _backend
+
+    return _backend.use_backend(name)
+
+
+def _gs_inputs(shape, dtype, device, generator, opts):
+    if len(shape) != 4:
+        raise ValueError(f"glow_step shapes are batch x channels x height x width, got {shape}")
+    _glow_model(shape, dtype, device)
+    return (_randn(shape, dtype, device, generator),)
+
+
+def _gs_run(x):
+    model = _glow_cache[("glow", tuple(x.shape), x.dtype, str(x.device))]
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        loss = -model.log_prob(x).mean()
+        grads = torch.autograd.grad(loss, params)
+    return (loss.detach(), *grads)
+
+
+@torch.compiler.disable
+def _gs_ref_eager(x):
+    with _glow_backend("reference"):
+        return _gs_run(x)
+
+
+def _gs_ref(x, inverse=False):
+    """The same Glow under use_backend('reference'): ActNorm, F.conv2d 1x1, reference coupling. The step is
+    kept out of torch.compile (compiling a whole Glow training step takes minutes here): the 'compiled'
+    column is this eager step behind a graph break."""
+    return _gs_ref_eager(x)
+
+
+def _gs_fused(x, inverse=False):
+    with _glow_backend("auto"):
+        return _gs_run(x)
+
+
+register_op(OpSpec(
+    name="glow_step", make_inputs=_gs_inputs, reference=_gs_ref, flowops=_gs_fused,
+    shapes=[(16, 3, 32, 32)], quick_shapes=[(2, 3, 8, 8)], small_shapes=[(16, 3, 32, 32)],
+    directions=("forward",),
+    labels={(16, 3, 32, 32): "one training step (loss = -log_prob(x).mean(), forward + backward to every "
+                             "parameter), Glow L=3 K=8 hidden 128; 'forward' = the whole step; compiled "
+                             "column not compiled (eager behind a graph break)",
+            (2, 3, 8, 8): "one training step, Glow L=3 K=8 hidden 128 (quick)"},
+))
+_format_targets_before_glow = format_targets
+
+
+def format_targets(records: list) -> str:  # noqa: F811 - extends the target lines
+    text = _format_targets_before_glow(records)
+    lines = []
+    for r in records:
+        shape = tuple(r["shape"])
+        name = "x".join(map(str, shape))
+        v = r["speedup"]["vs_reference"]
+        if r["op"] == "actnorm_invconv" and r["direction"] == "fwd+bwd":
+            need = GLOW_TARGETS["actnorm_invconv_fwd+bwd"]
+            verdict = f" (>= {need:g}x: {'met' if v >= need else 'MISSED'})" if shape == (64, 48, 16, 16) else ""
+            lines.append(f"  actnorm_invconv {name} fwd+bwd vs ActNorm then conv1x1: {v:.2f}x{verdict}")
+        if r["op"] == "invconv_inverse" and r["direction"] == "inverse":
+            fwd = [q for q in records if q["op"] == "invconv_inverse" and q["direction"] == "forward"
+                   and tuple(q["shape"]) == shape]
+            lines.append(f"  invconv_inverse {name} inverse vs rebuild-W + linalg.inv reference: {v:.2f}x")
+            if fwd:
+                ratio = r["impls"]["flowops"]["median_s"] / fwd[0]["impls"]["flowops"]["median_s"]
+                need = GLOW_TARGETS["invconv_inverse_over_forward"]
+                lines.append(f"  invconv_inverse {name} inverse time / forward time: {ratio:.2f} (<= {need:g}: "
+                             f"{'met' if ratio <= need else 'MISSED'})")
+        if r["op"] == "glow_step":
+            need = GLOW_TARGETS["glow_step"]
+            verdict = f" (>= {need:g}x: {'met' if v >= need else 'MISSED'})" if shape == (16, 3, 32, 32) else ""
+            lines.append(f"  glow_step {name} training step vs use_backend('reference'): {v:.2f}x{verdict}")
+    if lines:
+        text += "\n  Glow targets:\n" + "\n".join(lines)
+    return text
+
+
+# ============================================================================================
+# CNF (issue 6): one training evaluation of an MLP vector field with its Jacobian trace: the fused
+# op flowops.ops.mlp_trace (probes as tangents in the state's GEMMs, analytic first-order backward)
+# against FFJORD's reference (torch.autograd.grad(f, z, eps, create_graph=True) per probe, one per
+# dimension for the exact trace; a double backward in fwd+bwd). Shapes: batch x d x hidden x probes,
+# three hidden layers of `hidden` units, tanh; probes 0 = the exact trace (d basis probes), else that
+# many Rademacher probes (fixed per shape, not differentiated).
+# ============================================================================================
+CNF_TARGETS = {(1024, 2, 64, 0): 2.0, (256, 64, 512, 1): 1.3}
+CNF_MEMORY_TARGET = 1.5
+_cnf_cache: dict = {}
+
+
+def _cnf_inputs(shape, dtype, device, generator, opts):
+    if len(shape) != 4:
+        raise ValueError(f"mlp_trace shapes are batch x d x hidden x probes (0 = exact), got {shape}")
+    b, d, h, m = shape
+    widths = (d + 1, h, h, h, d)
+    ws = [_randn((o, i), dtype, device, generator, std=i ** -0.5) for i, o in zip(widths[:-1], widths[1:])]
+    bs = [_randn((o,), dtype, device, generator, std=0.1) for o in widths[1:]]
+    z = _randn((b, d), dtype, device, generator)
+    t = _randn((), dtype, device, generator)
+    eps = None
+    if m:
+        eps = torch.randint(0, 2, (m, b, d), generator=generator).to(dtype=dtype, device=device) * 2 - 1
+    _cnf_cache[_cnf_key(z, ws[0])] = eps  # per (batch, d, hidden): shapes differing only in m share a slot
+    return (z, t, *ws, *bs)
+
+
+def _cnf_key(z, w0):
+    return (z.shape[0], z.shape[1], w0.shape[0], z.dtype, str(z.device))
+
+
+def _cnf_split(params):
+    n = len(params) // 2
+    return list(params[:n]), list(params[n:])
+
+
+def _cnf_eps(z, params):
+    return _cnf_cache.get(_cnf_key(z, params[0]))
+
+
+def _cnf_ref(z, t, *params, inverse=False):
+    from .reference import cnf as _ref_cnf
+
+    ws, bs = _cnf_split(params)
+    return _ref_cnf.mlp_trace(z, t, ws, bs, "tanh", _cnf_eps(z, params))
+
+
+def _cnf_fused(z, t, *params, inverse=False):
+    ws, bs = _cnf_split(params)
+    return _ops.mlp_trace(z, t, ws, bs, "tanh", _cnf_eps(z, params))
+
+
+register_op(OpSpec(
+    name="mlp_trace", make_inputs=_cnf_inputs, reference=_cnf_ref, flowops=_cnf_fused,
+    shapes=[(1024, 2, 64, 0), (256, 64, 512, 1)], quick_shapes=[(16, 2, 8, 0), (9, 5, 16, 1)],
+    small_shapes=[(256, 2, 64, 0), (64, 64, 128, 1)], directions=("forward", "fwd+bwd"),
+    labels={(1024, 2, 64, 0): "d=2, hidden 64x3 tanh, exact trace (2 basis probes); reference: FFJORD's "
+                              "autograd.grad(create_graph=True) loop",
+            (256, 64, 512, 1): "d=64, hidden 512x3 tanh, 1 Rademacher probe (Hutchinson)"},
+))
+_format_targets_before_cnf = format_targets
+
+
+def format_targets(records: list) -> str:  # noqa: F811 - extends the target lines
+    text = _format_targets_before_cnf(records)
+    lines = []
+    for r in records:
+        if r["op"] != "mlp_trace":
+            continue
+        shape = tuple(r["shape"])
+        name = "x".join(map(str, shape))
+        v = r["speedup"]["vs_reference"]
+        need = CNF_TARGETS.get(shape) if r["direction"] == "fwd+bwd" else None
+        verdict = f" (>= {need:g}x: {'met' if v >= need else 'MISSED'})" if need else ""
+        lines.append(f"  mlp_trace {name} {r['direction']} vs autograd reference: {v:.2f}x{verdict}")
+        pr, pf = r["impls"]["reference"].get("peak_bytes"), r["impls"]["flowops"].get("peak_bytes")
+        if need and pr and pf:
+            m = pr / pf
+            lines.append(f"  mlp_trace {name} fwd+bwd peak memory reference/fused: {m:.2f}x (>= "
+                         f"{CNF_MEMORY_TARGET:g}x: {'met' if m >= CNF_MEMORY_TARGET else 'MISSED'})")
+    if lines:
+        text += "\n  CNF targets:\n" + "\n".join(lines)
     return text
 
 

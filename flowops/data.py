@@ -11,7 +11,7 @@ import torch
 
 from .nn.base import Transform
 
-__all__ = ["moons", "MoonsSampler", "Standardize"]
+__all__ = ["moons", "MoonsSampler", "Standardize", "digits", "DIGITS_LEVELS"]
 
 
 def _rng(seed) -> np.random.RandomState:
@@ -108,3 +108,28 @@ class Standardize(Transform):
     def inverse(self, z):
         return z * self.std.to(z.dtype) + self.mean.to(z.dtype), self._logdet(z, -1.0)
 
+
+
+DIGITS_LEVELS = 17  # scikit-learn's 8x8 digits hold the gray levels 0..16
+
+
+def digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 handwritten digits (1797 images, gray levels 0..16) as a train / held-out split.
+
+    Returns ``(train, heldout)``, integer tensors (``torch.int64``) of shape ``[n, 1, 8, 8]`` (NCHW, one
+    channel) holding the discrete levels ``0..16`` (:data:`DIGITS_LEVELS` = 17 of them); the rows are a
+    seeded random permutation of the data set, the first ``round(test_fraction * 1797)`` held out. The
+    split depends only on ``seed`` and ``test_fraction``. Ships with scikit-learn: no download.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover - scikit-learn is a dependency of the examples
+        raise RuntimeError("the digits data set needs scikit-learn (pip install scikit-learn)") from exc
+    test_fraction = float(test_fraction)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"digits: test_fraction must be in (0, 1), got {test_fraction}")
+    images = load_digits().images  # float64 [1797, 8, 8], whole numbers 0..16
+    x = torch.from_numpy(np.rint(images).astype(np.int64)).unsqueeze(1)
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(int(seed)))
+    n_test = min(x.shape[0] - 1, max(1, int(round(test_fraction * x.shape[0]))))
+    return x[perm[n_test:]].contiguous(), x[perm[:n_test]].contiguous()

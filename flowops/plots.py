@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["moons_figure", "chi2_2_quantiles"]
+__all__ = ["moons_figure", "chi2_2_quantiles", "image_grid", "sample_grid_figure"]
 
 _DATA = "#1f4e79"
 _SAMPLE = "#b5462f"
@@ -205,4 +205,57 @@ def moons_figure(model, train_x: torch.Tensor, heldout_x: torch.Tensor, history,
         fig.savefig(path, dpi=100)
     finally:
         model.train(was)
+    return path
+
+
+def image_grid(images, cols: int | None = None, pad: int = 1, pad_value: float = 1.0) -> np.ndarray:
+    """Tiles ``images`` (``[N, H, W]`` or ``[N, 1, H, W]``, values in [0, 1]) into one 2-D array.
+
+    ``cols`` images per row (default: about ``sqrt(N)``), ``pad`` pixels of ``pad_value`` between and
+    around them. Values are clipped to [0, 1].
+    """
+    a = images.detach().cpu().double().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, float)
+    if a.ndim == 4:
+        if a.shape[1] != 1:
+            raise ValueError(f"image_grid: images must have one channel, got shape {a.shape}")
+        a = a[:, 0]
+    if a.ndim != 3:
+        raise ValueError(f"image_grid: images must have shape [N, H, W] or [N, 1, H, W], got {a.shape}")
+    n, h, w = a.shape
+    if n == 0:
+        raise ValueError("image_grid: no images")
+    cols = int(cols) if cols else int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), float(pad_value))
+    for k in range(n):
+        r, c = divmod(k, cols)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = a[k]
+    return np.clip(out, 0.0, 1.0)
+
+
+def sample_grid_figure(panels, path: str, cols: int = 8, title: str | None = None, invert: bool = True) -> str:
+    """Writes a PNG of image grids side by side, one per ``(label, images)`` in ``panels``, and returns ``path``.
+
+    ``images`` are ``[N, 1, H, W]`` (or ``[N, H, W]``) tensors with values in [0, 1] (0 = background);
+    each panel tiles them ``cols`` per row under its label. ``invert`` draws dark strokes on white.
+    Typical use: real images next to samples at two temperatures.
+    """
+    from matplotlib.figure import Figure
+
+    panels = list(panels.items()) if isinstance(panels, dict) else list(panels)
+    if not panels:
+        raise ValueError("sample_grid_figure: panels must not be empty")
+    grids = [(str(label), image_grid(images, cols, pad=1, pad_value=0.3)) for label, images in panels]
+    aspect = max(g.shape[0] / g.shape[1] for _, g in grids)
+    fig = Figure(figsize=(3.2 * len(grids) + 0.4, 3.2 * aspect + (0.9 if title else 0.6)), dpi=100,
+                 layout="constrained")
+    axes = fig.subplots(1, len(grids), squeeze=False)[0]
+    for ax, (label, grid) in zip(axes, grids):
+        ax.imshow(1.0 - grid if invert else grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(label, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
     return path

@@ -185,6 +185,26 @@ def test_invconv_inverse_cache_and_invalidation():
         torch.testing.assert_close(conv(conv.inverse(z)[0])[0], z, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("opt_kw", [dict(fused=True), dict(foreach=True), dict(foreach=False)])
+def test_invconv_caches_follow_every_adam_flavour(opt_kw):
+    # the fused Adam step updates parameters in place without bumping their version counters: the cached
+    # W and W^-1 must still follow (they compare the parameters' values too)
+    torch.manual_seed(0)
+    conv = InvConv1x1(5)
+    z = torch.randn(2, 5, 3, 3)
+    with torch.no_grad():
+        w_inv, w = conv.inverse_weight(), conv.forward_weight()
+    opt = torch.optim.Adam(conv.parameters(), lr=0.1, **opt_kw)
+    conv(torch.randn(4, 5, 3, 3))[0].pow(3).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(conv.forward_weight(), conv.weight(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(conv.inverse_weight() @ conv.weight(), torch.eye(5), atol=1e-5, rtol=0)
+        assert not torch.allclose(conv.inverse_weight(), w_inv) and not torch.allclose(conv.forward_weight(), w)
+        x, _ = conv.inverse(z)
+        torch.testing.assert_close(conv(x)[0], z, atol=1e-5, rtol=1e-5)
+
+
 def test_glow_sampling_reuses_cached_inverse(monkeypatch):
     model = Glow((1, 4, 4), levels=2, steps=2, hidden=4)
     model.log_prob(torch.randn(4, 1, 4, 4))

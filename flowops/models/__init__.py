@@ -9,3 +9,6 @@ __all__ += ["MAF"]
 from .glow import Glow, GlowTransform  # noqa: E402
 
 __all__ += ["Glow", "GlowTransform"]
+from .ffjord import FFJORD  # noqa: E402
+
+__all__ += ["FFJORD"]

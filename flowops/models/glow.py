@@ -20,10 +20,24 @@ class GlowTransform(Transform):
     in C, H, W order) of the standardized split latents, level 0 first, then the final latent; see
     :attr:`latent_shapes`, :meth:`unflatten` and :meth:`flatten`. Every part is standard normal under
     the model: each split's learned prior enters as its log-det ``-sum(log_sigma)``.
+
+    ``reversible=True`` trains by reversible recomputation (:mod:`flowops.reversible`): the forward keeps
+    only the latents and the log-det, the backward rebuilds each layer's input from its output; the
+    split latents are outputs of the reversible node. ``checkpoint_every=k`` also stores the input of
+    every k-th layer (squeezes, ActNorms, 1x1 convs, couplings and splits counted one by one); the
+    attributes ``drift_tol`` and ``on_drift`` set the drift check, ``micro_batch`` the backward's slices.
+    Values, gradients and the state_dict layout are those of the ordinary model; the attribute
+    ``reversible`` can be switched at any time.
     """
 
-    def __init__(self, in_shape, levels: int = 3, steps: int = 8, hidden: int = 512, coupling: str = "affine"):
+    def __init__(self, in_shape, levels: int = 3, steps: int = 8, hidden: int = 512, coupling: str = "affine",
+                 reversible: bool = False, checkpoint_every: int | None = None):
         super().__init__()
+        from ..reversible import _check_options
+
+        self.reversible = bool(reversible)
+        self.checkpoint_every = _check_options(checkpoint_every, None, "warn")
+        self.drift_tol, self.on_drift, self.micro_batch = None, "warn", None
         if not isinstance(in_shape, (tuple, list, torch.Size)) or len(in_shape) != 3:
             raise ValueError(f"Glow: in_shape must be (C, H, W), got {in_shape!r}")
         c, h, w = (_positive_int(f"Glow: in_shape[{i}]", int(s)) for i, s in enumerate(in_shape))
@@ -80,6 +94,8 @@ class GlowTransform(Transform):
         if tuple(x.shape[1:]) != self.in_shape:
             raise ValueError(f"Glow: x must have shape [batch, {', '.join(map(str, self.in_shape))}], got "
                              f"{tuple(x.shape)}")
+        if self.reversible:
+            return self._reversible_forward(x)
         total = x.new_zeros(x.shape[0])
         parts = []
         h = x
@@ -93,6 +109,19 @@ class GlowTransform(Transform):
                 parts.append(eps)
         parts.append(h)
         return torch.cat([p.flatten(1) for p in parts], dim=1), total
+
+    def _reversible_forward(self, x):
+        from ..reversible import _Engine, reversible_blocks
+
+        named = []
+        for lvl, flow in enumerate(self.flows):
+            named += [("squeeze", self.squeeze), (f"flows.{lvl}", flow)]
+            if lvl < len(self.splits):
+                named.append((f"splits.{lvl}", self.splits[lvl]))
+        engine = _Engine(reversible_blocks(named), self.checkpoint_every, self.drift_tol, self.on_drift,
+                         micro_batch=self.micro_batch)
+        h, total, parts = engine.run(x)
+        return torch.cat([p.flatten(1) for p in (*parts, h)], dim=1), x.new_zeros(x.shape[0]) + total
 
     def inverse(self, z):
         parts = self.unflatten(z)
@@ -121,10 +150,14 @@ class Glow(Flow):
     ActNorm layers initialize from the first batch passed through ``forward``/``log_prob`` in training
     mode: call ``log_prob`` on a real data batch before sampling. For discrete pixels use
     :mod:`flowops.nn.preprocess` (dequantization, logit transform, bits/dim).
+
+    ``reversible=True`` (and ``checkpoint_every``) train with memory that does not grow with ``steps``:
+    see :class:`GlowTransform` and :mod:`flowops.reversible`.
     """
 
-    def __init__(self, in_shape, levels: int = 3, steps: int = 8, hidden: int = 512, coupling: str = "affine"):
-        transform = GlowTransform(in_shape, levels, steps, hidden, coupling)
+    def __init__(self, in_shape, levels: int = 3, steps: int = 8, hidden: int = 512, coupling: str = "affine",
+                 reversible: bool = False, checkpoint_every: int | None = None):
+        transform = GlowTransform(in_shape, levels, steps, hidden, coupling, reversible, checkpoint_every)
         super().__init__(StandardNormal(transform.dim), transform)
         self.in_shape = transform.in_shape
         self.levels, self.steps, self.hidden, self.coupling = levels, steps, hidden, coupling

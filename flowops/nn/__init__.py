@@ -17,3 +17,6 @@ from .preprocess import LogitTransform, bits_per_dim, dequantize, discrete_bits_
 
 __all__ += ["ActNorm", "InvConv1x1", "Squeeze", "Split", "GlowStep", "GlowAffineCoupling", "GlowAdditiveCoupling",
             "LogitTransform", "dequantize", "bits_per_dim", "discrete_bits_per_dim"]
+from .cnf import CNF, MLPVectorField  # noqa: E402
+
+__all__ += ["CNF", "MLPVectorField"]

@@ -1,8 +1,12 @@
 """Glow layers (Kingma & Dhariwal, 2018): ActNorm, invertible 1x1 convolution (LU), squeeze, split, one step.
 
-Reference PyTorch implementations (no fused kernels yet). All layers use NCHW tensors and the library
-convention: ``forward(x) -> (z, logabsdet)`` maps data to latent, ``inverse(z) -> (x, logabsdet)`` maps
-back, with one log|det J| per sample.
+All layers use NCHW tensors and the library convention: ``forward(x) -> (z, logabsdet)`` maps data to
+latent, ``inverse(z) -> (x, logabsdet)`` maps back, with one log|det J| per sample. Under
+``flowops.use_backend("reference")`` every layer runs its plain-PyTorch form (ActNorm's elementwise
+ops, ``F.conv2d`` for the 1x1 convolution). Otherwise :class:`GlowStep` runs ActNorm and the 1x1
+convolution as the fused op :func:`flowops.ops.actnorm_invconv` (one channel matmul per sample with
+the folded weight and bias), and :class:`InvConv1x1` on its own applies its matrix as a batched
+channel matmul on the ``[N, C, H*W]`` view instead of a 1x1 convolution.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _backend, ops
 from .base import Compose, Transform
 from .conditioners import conv_net
 from .coupling import AdditiveCoupling, AffineCoupling
@@ -41,6 +46,11 @@ def _check_input(layer: str, arg: str, x, channels: int | None = None, dims=(4,)
 
 def _spatial(x: torch.Tensor) -> int:
     return math.prod(x.shape[2:])
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """True when the flowops kernels (not the plain-PyTorch reference) should run for ``x``."""
+    return _backend.select(x.device) != "reference"
 
 
 class ActNorm(Transform):
@@ -123,6 +133,8 @@ class InvConv1x1(Transform):
     ``load_state_dict``, ``.to()``) invalidate it. Changes made through ``.data`` bypass version counters:
     call :meth:`invalidate_cache` after those. With grad enabled the inverse weight is recomputed
     differentiably every call, and under ``torch.compile`` it is always recomputed (traced, no cache).
+    Outside the reference backend, ``forward`` caches ``W`` the same way (:meth:`forward_weight`) and
+    applies both matrices as a batched channel matmul on the ``[N, C, H*W]`` view.
     """
 
     def __init__(self, channels: int, generator: torch.Generator | None = None):
@@ -139,6 +151,7 @@ class InvConv1x1(Transform):
         self.upper = nn.Parameter(torch.triu(up, 1).float())
         self.log_s = nn.Parameter(torch.log(diag.abs()).float())
         self._inv_cache = None
+        self._w_cache = None
 
     def _factors(self):
         lo = self.lower * self.lower_mask + self.eye
@@ -164,21 +177,42 @@ class InvConv1x1(Transform):
 
     def invalidate_cache(self) -> None:
         self._inv_cache = None
+        self._w_cache = None
+
+    def _cached(self, slot: str, build):
+        """``build()``, or its cached value when no gradient is needed (see the class docs)."""
+        params = (self.lower, self.upper, self.log_s)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return build()
+        key, tensors = self._cache_key(), self._cache_tensors()
+        cache = getattr(self, slot, None)
+        # The cache holds the keyed tensors themselves, so their memory cannot be reused by replacements,
+        # and a copy of the free parameters' values: some in-place updates (the fused Adam/AdamW step) do
+        # not bump version counters, so the values are compared too (three C x C comparisons, negligible
+        # next to the matmul they serve).
+        if (cache is not None and cache[0] == key and all(a is b for a, b in zip(cache[1], tensors))
+                and all(torch.equal(a, b) for a, b in zip(cache[3], params))):
+            return cache[2]
+        with torch.no_grad():
+            value = build()
+            snapshot = tuple(p.detach().clone() for p in params)
+        setattr(self, slot, (key, tensors, value, snapshot))
+        return value
 
     def inverse_weight(self) -> torch.Tensor:
         """``W^-1`` (cached when no gradient is needed, see the class docs)."""
-        params = (self.lower, self.upper, self.log_s)
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-            return self._inverse_weight_uncached()
-        key, tensors = self._cache_key(), self._cache_tensors()
-        cache = self._inv_cache
-        # The cache holds the keyed tensors themselves, so their memory cannot be reused by replacements.
-        if cache is not None and cache[0] == key and all(a is b for a, b in zip(cache[1], tensors)):
-            return cache[2]
-        with torch.no_grad():
-            w_inv = self._inverse_weight_uncached()
-        self._inv_cache = (key, tensors, w_inv)
-        return w_inv
+        return self._cached("_inv_cache", self._inverse_weight_uncached)
+
+    def _fast_weight(self) -> torch.Tensor:
+        from ..ops.actnorm_invconv import lu_weight
+
+        return lu_weight(self.perm, self.lower, self.upper, self.sign, self.log_s)
+
+    def forward_weight(self) -> torch.Tensor:
+        """``W`` for the fused paths' forward: one C++ autograd node on CPU (see
+        :func:`flowops.ops.actnorm_invconv.lu_weight`), cached like :meth:`inverse_weight` when no gradient
+        is needed."""
+        return self._cached("_w_cache", self._fast_weight)
 
     def _apply_weight(self, x, w):
         if x.dtype != w.dtype:
@@ -187,6 +221,10 @@ class InvConv1x1(Transform):
             raise ValueError(f"InvConv1x1: input must be on the parameters' device ({w.device}), got {x.device}")
         if x.dim() == 2:
             return F.linear(x, w)
+        if _fused(x):
+            # a channel matmul on the [N, C, H*W] view: no permute copies, and far cheaper on CPU
+            # than a 1x1 convolution
+            return torch.matmul(w, x.reshape(x.shape[0], self.channels, -1)).view(x.shape)
         return F.conv2d(x, w.view(self.channels, self.channels, 1, 1))
 
     def _logdet(self, x):
@@ -194,7 +232,8 @@ class InvConv1x1(Transform):
 
     def forward(self, x):
         _check_input("InvConv1x1", "x", x, self.channels, dims=(2, 4))
-        return self._apply_weight(x, self.weight()), self._logdet(x)
+        w = self.forward_weight() if _fused(x) else self.weight()
+        return self._apply_weight(x, w), self._logdet(x)
 
     def inverse(self, z):
         _check_input("InvConv1x1", "z", z, self.channels, dims=(2, 4))
@@ -317,6 +356,13 @@ class GlowStep(Compose):
     ``coupling="affine"`` uses Glow's ``sigmoid(raw + 2)`` scale; ``"additive"`` is volume preserving.
     The conditioner is ``conv3x3 -> ReLU -> conv1x1 -> ReLU -> zero-initialized conv3x3`` with ``hidden``
     channels (:func:`flowops.nn.conv_net`), so a fresh step is ActNorm followed by a rotation.
+
+    Unless the backend is ``"reference"``, ActNorm and the 1x1 convolution run as the fused op
+    :func:`flowops.ops.actnorm_invconv` (forward: ``W`` from :meth:`InvConv1x1.forward_weight`, rebuilt once
+    per call as one C++ autograd node when gradients are needed, cached otherwise; inverse:
+    :meth:`InvConv1x1.inverse_weight`, triangular solves, cached likewise). The children ``actnorm``, ``invconv`` and
+    ``coupling`` keep their parameters, state_dict keys and their own ``forward``/``inverse``;
+    ActNorm's data-dependent initialization still happens on the first training forward.
     """
 
     def __init__(self, channels: int, hidden: int = 512, coupling: str = "affine"):
@@ -327,6 +373,26 @@ class GlowStep(Compose):
         cp = GlowAffineCoupling(c, hidden) if coupling == "affine" else GlowAdditiveCoupling(c, hidden)
         super().__init__(ActNorm(c), InvConv1x1(c), cp)
         self.channels, self.hidden, self.coupling_kind = c, hidden, coupling
+
+    def forward(self, x):
+        if not _fused(x):
+            return super().forward(x)
+        an, ic, cp = self.transforms
+        _check_input("GlowStep", "x", x, self.channels)
+        if an.training and not an.is_initialized():
+            an.initialize(x)
+        h, ld = ops.actnorm_invconv(x, an.log_scale, an.bias, ic.forward_weight(), ic.log_s.sum(), inverse=False)
+        z, ld_c = cp(h)
+        return z, ld + ld_c
+
+    def inverse(self, z):
+        if not _fused(z):
+            return super().inverse(z)
+        an, ic, cp = self.transforms
+        _check_input("GlowStep", "z", z, self.channels)
+        h, ld_c = cp.inverse(z)
+        x, ld = ops.actnorm_invconv(h, an.log_scale, an.bias, ic.inverse_weight(), ic.log_s.sum(), inverse=True)
+        return x, ld_c + ld
 
     @property
     def actnorm(self) -> ActNorm:

@@ -10,3 +10,8 @@ from .made_inverse import made_inverse  # noqa: E402
 from .masked_linear import masked_linear  # noqa: E402
 
 __all__ += ["masked_linear", "made_inverse"]
+from .actnorm_invconv import actnorm_invconv  # noqa: E402
+__all__ += ["actnorm_invconv"]
+from .mlp_trace import mlp_trace  # noqa: E402
+
+__all__ += ["mlp_trace"]

@@ -1,0 +1,267 @@
+// The fused Glow op actnorm_invconv: ActNorm folded into the invertible 1x1 convolution.
+//
+//   forward:  y = W diag(e) (x + b)            = A x + c,  A = W diag(e),   c = W (e * b)
+//   inverse:  x = diag(1/e) M z - b            = A z + c,  A = diag(1/e) M, c = -b
+//
+// with e = exp(log_scale), W the 1x1-convolution matrix and M = W^-1 (the caller passes the matrix of
+// the direction it runs, so an inverse built from triangular solves and cached by the layer is reused).
+// The log-det is +-S * (sum(log_scale) + w_logdet) per sample, S = prod(spatial), w_logdet = log|det W|.
+//
+// Both directions are one channel matmul per sample on the [N, C, S] view of NCHW memory (no permute
+// copies): one pass over the activations instead of ActNorm's two elementwise passes plus a separate
+// convolution. The backward is two matmuls over the activations (grad_x = A^T grad_y and the C x C
+// parameter gradient sum_n grad_y[n] x[n]^T, reduced over samples in a fixed order: deterministic, no
+// atomics) and one channel sum of grad_y; everything else is C x C algebra mapping the folded (A, c)
+// gradients back to log_scale, bias, weight and w_logdet.
+//
+// Registered ops: actnorm_invconv_fwd / actnorm_invconv_bwd (CPU kernels here; fake kernels, the Python
+// autograd formula used under torch.compile and the CUDA/Triton kernels in flowops/ops/actnorm_invconv.py)
+// and actnorm_invconv, whose autograd node lives in C++ (the eager CPU fast path).
+#include "flowops.h"
+
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+namespace flowops {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+void check_inputs(const at::Tensor& x, const at::Tensor& ls, const at::Tensor& b, const at::Tensor& w,
+                  const at::Tensor& wld) {
+  TORCH_CHECK_VALUE(x.dim() >= 2, "actnorm_invconv: x must be [batch, channels, *spatial], got shape ", x.sizes());
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(ls.dim() == 1 && ls.size(0) == C, "actnorm_invconv: log_scale must have shape [", C,
+                    "], got ", ls.sizes());
+  TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == C, "actnorm_invconv: bias must have shape [", C, "], got ",
+                    b.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == C && w.size(1) == C, "actnorm_invconv: weight must have shape [",
+                    C, ", ", C, "], got ", w.sizes());
+  TORCH_CHECK_VALUE(wld.numel() == 1, "actnorm_invconv: w_logdet must hold one value, got shape ", wld.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_TYPE(ls.scalar_type() == dt && b.scalar_type() == dt && w.scalar_type() == dt &&
+                       wld.scalar_type() == dt,
+                   "actnorm_invconv: log_scale, bias, weight and w_logdet must have x's dtype ", dt);
+}
+
+int64_t spatial_size(const at::Tensor& x) {
+  int64_t s = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) s *= x.size(d);
+  return s;
+}
+
+// (A, c, e) of the folded map; e = exp(log_scale) (forward) or exp(-log_scale) (inverse).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fold(const at::Tensor& ls, const at::Tensor& b, const at::Tensor& w,
+                                                    bool inverse) {
+  if (!inverse) {
+    auto e = ls.exp();
+    return {(w * e.unsqueeze(0)).contiguous(), at::mv(w, e * b), e};
+  }
+  auto ie = ls.neg().exp();
+  return {(w * ie.unsqueeze(1)).contiguous(), b.neg(), ie};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> actnorm_invconv_fwd_cpu(const at::Tensor& x_in, const at::Tensor& ls,
+                                                           const at::Tensor& b, const at::Tensor& w,
+                                                           const at::Tensor& wld, bool inverse) {
+  check_inputs(x_in, ls, b, w, wld);
+  auto x = x_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), S = spatial_size(x);
+  auto [A, c, e] = fold(ls, b, w, inverse);
+  at::Tensor y;
+  if (S == 1) {
+    y = at::addmm(c, x.view({N, C}), A.t());
+  } else {
+    y = at::baddbmm(c.view({1, C, 1}), A.expand({N, C, C}), x.view({N, C, S}));
+  }
+  auto total = (ls.sum() + wld.reshape({})) * static_cast<double>(inverse ? -S : S);
+  auto logdet = total.expand({N}).contiguous();
+  return {y.view(x.sizes()), logdet};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd_cpu(
+    const at::Tensor& grad_y, const at::Tensor& grad_logdet, const at::Tensor& x_in, const at::Tensor& ls,
+    const at::Tensor& b, const at::Tensor& w, const at::Tensor& wld, bool inverse) {
+  check_inputs(x_in, ls, b, w, wld);
+  TORCH_CHECK_VALUE(grad_y.sizes() == x_in.sizes(), "actnorm_invconv_bwd: grad_y must have x's shape ",
+                    x_in.sizes(), ", got ", grad_y.sizes());
+  TORCH_CHECK_VALUE(grad_logdet.numel() == x_in.size(0), "actnorm_invconv_bwd: grad_logdet must have shape [",
+                    x_in.size(0), "], got ", grad_logdet.sizes());
+  auto x = x_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), S = spatial_size(x);
+  auto g = grad_y.to(x.scalar_type()).contiguous();
+  auto [A, c, e] = fold(ls, b, w, inverse);
+  at::Tensor gx, gA, gc;
+  if (S == 1) {
+    auto g2 = g.view({N, C}), x2 = x.view({N, C});
+    gx = at::mm(g2, A);
+    gA = at::mm(g2.t(), x2);
+    gc = g2.sum(0);
+  } else {
+    auto g3 = g.view({N, C, S}), x3 = x.view({N, C, S});
+    gx = at::bmm(A.t().expand({N, C, C}), g3);
+    // per-sample C x C products, summed over samples in index order (deterministic)
+    gA = at::bmm(g3, x3.transpose(1, 2)).sum(0);
+    gc = g3.sum(at::IntArrayRef{0, 2});
+  }
+  const double s = static_cast<double>(S);
+  auto gsum = grad_logdet.to(x.scalar_type()).sum() * s;  // d(total)/d(log_scale_i) and d/d(w_logdet), +-
+  at::Tensor gls, gb, gw, gwld;
+  if (!inverse) {
+    // A = W diag(e), c = W (e * b)
+    auto eb = e * b;
+    auto wtgc = at::mv(w.t(), gc);
+    gw = gA * e.unsqueeze(0) + at::outer(gc, eb);
+    auto ge = (gA * w).sum(0) + wtgc * b;
+    gb = wtgc * e;
+    gls = ge * e + gsum;
+    gwld = gsum;
+  } else {
+    // A = diag(1/e) M, c = -b
+    gw = gA * e.unsqueeze(1);
+    gls = -(e * (gA * w).sum(1)) - gsum;
+    gb = gc.neg();
+    gwld = gsum.neg();
+  }
+  return {gx.view(x.sizes()), gls, gb, gw, gwld.reshape(wld.sizes()).clone()};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> call_fwd(const at::Tensor& x, const at::Tensor& ls, const at::Tensor& b,
+                                            const at::Tensor& w, const at::Tensor& wld, bool inverse) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flowops::actnorm_invconv_fwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, bool)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(x, ls, b, w, wld, inverse);
+}
+
+using Grads5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Grads5 call_bwd(const at::Tensor& gy, const at::Tensor& gld, const at::Tensor& x, const at::Tensor& ls,
+                const at::Tensor& b, const at::Tensor& w, const at::Tensor& wld, bool inverse) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flowops::actnorm_invconv_bwd", "")
+                       .typed<Grads5(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(gy, gld, x, ls, b, w, wld, inverse);
+}
+
+// Eager fast path: the autograd node lives in C++.
+class ActnormInvconvFn : public torch::autograd::Function<ActnormInvconvFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& ls, const at::Tensor& b,
+                               const at::Tensor& w, const at::Tensor& wld, bool inverse) {
+    auto [y, logdet] = call_fwd(x, ls, b, w, wld, inverse);
+    ctx->save_for_backward({x, ls, b, w, wld});
+    ctx->saved_data["inverse"] = inverse;
+    return {y, logdet};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_first_order("actnorm_invconv");
+    auto s = ctx->get_saved_variables();
+    auto gy = grads[0].defined() ? grads[0] : at::zeros_like(s[0]);
+    auto gl = grads[1].defined() ? grads[1] : at::zeros({s[0].size(0)}, s[0].options());
+    auto [gx, gls, gb, gw, gwld] = call_bwd(gy, gl, s[0], s[1], s[2], s[3], s[4],
+                                            ctx->saved_data["inverse"].toBool());
+    return {gx, gls, gb, gw, gwld, at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> actnorm_invconv_autograd(const at::Tensor& x, const at::Tensor& ls,
+                                                            const at::Tensor& b, const at::Tensor& w,
+                                                            const at::Tensor& wld, bool inverse) {
+  auto out = ActnormInvconvFn::apply(x, ls, b, w, wld, inverse);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> actnorm_invconv_plain(const at::Tensor& x, const at::Tensor& ls,
+                                                         const at::Tensor& b, const at::Tensor& w,
+                                                         const at::Tensor& wld, bool inverse) {
+  return call_fwd(x, ls, b, w, wld, inverse);
+}
+
+// Glow's LU weight W = P L U, L = tril(lower, -1) + I, U = triu(upper, 1) + diag(sign * exp(log_s)), as one
+// autograd node: the fused layers rebuild W once per training step, and as a chain of ~10 small eager ops
+// (and as many backward nodes) that costs more than the C x C arithmetic. Backward, with G = P^T grad_W:
+// grad_lower = tril(G U^T, -1), grad_upper = triu(L^T G, 1), grad_log_s = diag(L^T G) * sign * exp(log_s).
+class LuWeightFn : public torch::autograd::Function<LuWeightFn> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& perm, const at::Tensor& lower,
+                            const at::Tensor& upper, const at::Tensor& sign, const at::Tensor& log_s) {
+    TORCH_CHECK_VALUE(lower.dim() == 2 && lower.size(0) == lower.size(1), "lu_weight: lower must be square, got ",
+                      lower.sizes());
+    const int64_t C = lower.size(0);
+    TORCH_CHECK_VALUE(perm.sizes() == lower.sizes() && upper.sizes() == lower.sizes(),
+                      "lu_weight: perm, lower and upper must all be [", C, ", ", C, "]");
+    TORCH_CHECK_VALUE(sign.dim() == 1 && sign.size(0) == C && log_s.dim() == 1 && log_s.size(0) == C,
+                      "lu_weight: sign and log_s must be [", C, "]");
+    auto d = sign * log_s.exp();
+    auto L = lower.tril(-1) + at::eye(C, lower.options());
+    auto U = upper.triu(1) + at::diag(d);
+    ctx->save_for_backward({perm, L, U, d});
+    return at::mm(at::mm(perm, L), U);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_first_order("lu_weight");
+    auto s = ctx->get_saved_variables();
+    const auto& perm = s[0];
+    const auto& L = s[1];
+    const auto& U = s[2];
+    const auto& d = s[3];
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    auto G = at::mm(perm.t(), grads[0]);
+    auto LtG = at::mm(L.t(), G);
+    return {at::Tensor(), at::mm(G, U.t()).tril(-1), LtG.triu(1), at::Tensor(), LtG.diagonal() * d};
+  }
+};
+
+at::Tensor lu_weight_plain(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
+                           const at::Tensor& sign, const at::Tensor& log_s) {
+  const int64_t C = lower.size(0);
+  auto U = upper.triu(1) + at::diag(sign * log_s.exp());
+  return at::mm(at::mm(perm, lower.tril(-1) + at::eye(C, lower.options())), U);
+}
+
+at::Tensor lu_weight_autograd(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
+                              const at::Tensor& sign, const at::Tensor& log_s) {
+  return LuWeightFn::apply(perm, lower, upper, sign, log_s);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(flowops, m) {
+  m.def("lu_weight(Tensor perm, Tensor lower, Tensor upper, Tensor sign, Tensor log_s) -> Tensor");
+  m.def("actnorm_invconv_fwd(Tensor x, Tensor log_scale, Tensor bias, Tensor weight, Tensor w_logdet, "
+        "bool inverse) -> (Tensor, Tensor)");
+  m.def("actnorm_invconv_bwd(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor log_scale, Tensor bias, "
+        "Tensor weight, Tensor w_logdet, bool inverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("actnorm_invconv(Tensor x, Tensor log_scale, Tensor bias, Tensor weight, Tensor w_logdet, "
+        "bool inverse) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(flowops, CPU, m) {
+  m.impl("actnorm_invconv_fwd", &actnorm_invconv_fwd_cpu);
+  m.impl("actnorm_invconv_bwd", &actnorm_invconv_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(flowops, Autograd, m) {
+  m.impl("actnorm_invconv", &actnorm_invconv_autograd);
+  m.impl("lu_weight", &lu_weight_autograd);
+}
+
+TORCH_LIBRARY_IMPL(flowops, CompositeExplicitAutograd, m) {
+  m.impl("actnorm_invconv", &actnorm_invconv_plain);
+  m.impl("lu_weight", &lu_weight_plain);
+}
+
+}  // namespace flowops

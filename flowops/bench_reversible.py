@@ -1,0 +1,335 @@
+"""``flowops bench --op reversible``: memory and time of reversible recomputation against ordinary backprop.
+
+The model is multi-scale Glow (default: 3 levels, hidden 128, 32x32x3 images, batch 16, float32), run
+with ``reversible=False`` (ordinary backprop) and ``reversible=True`` for each depth K (steps per level,
+default 8 16 32 64). Reported:
+
+* peak resident memory growth of a training step (``zero_grad(set_to_none=True)``, forward, backward;
+  the peak over two steps): each
+  (mode, K) runs in a fresh Python process; the baseline is the resident set right after building the
+  model and the data (after one step of a tiny model, so one-time lazy imports are excluded), the peak is
+  the process's high-water mark (``VmHWM``, reset before the steps
+  through ``/proc/self/clear_refs`` where Linux allows it; elsewhere ``ru_maxrss`` before and after,
+  a lower bound). Parameter gradients are part of the growth in both modes.
+* peak saved-activation bytes: the high-water mark of the tensors autograd holds for the backward
+  (:class:`flowops.reversible.SavedTensorMeter`, parameters excluded), over one more training step.
+* step time of the two modes at one depth (``--time-steps``, default 32), interleaved, median of
+  ``--repeats`` steps each, as a ratio measured in the same run.
+* gradient equality: the largest ``max|g_rev - g_ord| / max|g_ord|`` over the parameter tensors, in
+  float32 and float64, on the same weights (perturbed from the near-identity initialization so that
+  every parameter gets a gradient).
+
+A PNG plot of memory against depth is written (``--plot``), and a JSON record on request (``--json``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+TARGETS = {"memory_ratio_min": 5.0, "step_time_ratio_max": 1.35, "grad_rel_fp32": 1e-4, "grad_rel_fp64": 1e-9,
+           "flatness_max": 1.2}
+MODES = ("ordinary", "reversible")
+
+
+# -- resident memory ------------------------------------------------------------------------------------------
+
+def _status_bytes(key: str):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _maxrss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def peak_rss() -> int:
+    v = _status_bytes("VmHWM")
+    return v if v is not None else _maxrss_bytes()
+
+
+def current_rss():
+    return _status_bytes("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark for this process (Linux ``clear_refs`` 5); False if unavailable."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# -- model ----------------------------------------------------------------------------------------------------
+
+def build(cfg, steps: int, reversible: bool, dtype=torch.float32):
+    from .models.glow import Glow
+
+    torch.manual_seed(cfg["seed"])
+    c, s = cfg["channels"], cfg["image"]
+    model = Glow((c, s, s), levels=cfg["levels"], steps=steps, hidden=cfg["hidden"], reversible=reversible)
+    model.transform.micro_batch = cfg.get("micro_batch")
+    gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+    with torch.no_grad():  # leave the near-identity start, so every parameter gets a gradient
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    model = model.to(dtype)
+    x = (torch.rand((cfg["batch"], c, s, s), generator=gen) - 0.5).to(dtype)
+    return model, x
+
+
+def train_step(model, x):
+    model.zero_grad(set_to_none=True)  # what optimizer.zero_grad() does by default
+    loss = -model.log_prob(x).mean()
+    loss.backward()
+    return loss.detach()
+
+
+def child(cfg) -> dict:
+    """One (mode, depth) configuration; runs in a fresh process."""
+    from .reversible import SavedTensorMeter
+
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    # Warm-up on a tiny model of the same mode: one-time lazy imports and library set-up (autograd.grad's
+    # first call imports sympy, about 30 MB) are not the memory of a training step.
+    tiny, tx = build(dict(cfg, levels=1, hidden=4, image=4, batch=2), 1, cfg["mode"] == "reversible")
+    train_step(tiny, tx)
+    del tiny, tx
+    model, x = build(cfg, cfg["steps"], cfg["mode"] == "reversible")
+    params = list(model.parameters())
+    gc.collect()
+    exact = reset_peak_rss()
+    base = current_rss() if exact else None
+    if base is None:
+        base, exact = peak_rss(), False
+    for _ in range(2):
+        train_step(model, x)
+    peak = peak_rss()
+    with SavedTensorMeter(exclude=params) as meter:
+        train_step(model, x)
+    return {"mode": cfg["mode"], "steps": cfg["steps"], "rss_growth": max(peak - base, 0), "rss_baseline": base,
+            "rss_peak": peak, "peak_reset": exact, "saved_peak": meter.peak,
+            "param_bytes": sum(p.numel() * p.element_size() for p in params)}
+
+
+def run_child(cfg) -> dict:
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    out = subprocess.run([sys.executable, "-m", "flowops.bench_reversible", "--child", json.dumps(cfg)],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench child {cfg['mode']} K={cfg['steps']} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def grad_rel_error(cfg, steps: int, dtype) -> dict:
+    """Largest per-tensor max|g_rev - g_ord| / max|g_ord| and the log-likelihood difference."""
+    model, x = build(cfg, steps, False, dtype)
+    model.log_prob(x)  # ActNorm initialization, shared by both copies
+    twin = copy.deepcopy(model)
+    twin.transform.reversible = True
+    lo, lr = train_step(model, x), train_step(twin, x)
+
+    def worst(a, ref):
+        w, name_w = 0.0, None
+        for (name, p), q in zip(ref.named_parameters(), a.parameters()):
+            scale = p.grad.abs().max().item()
+            err = (q.grad.to(p.dtype) - p.grad).abs().max().item() / (scale if scale > 0 else 1.0)
+            if err > w or name_w is None:
+                w, name_w = err, name
+        return w, name_w
+
+    rel, name_w = worst(twin, model)
+    out = {"dtype": str(dtype).replace("torch.", ""), "steps": steps, "max_rel": rel, "worst_param": name_w,
+           "loss_diff": abs(lo.item() - lr.item())}
+    if dtype != torch.float64:  # the precision floor: both modes against ordinary backprop in float64
+        ref = copy.deepcopy(model).double()
+        train_step(ref, x.double())
+        out["ordinary_vs_fp64"], out["reversible_vs_fp64"] = worst(model, ref)[0], worst(twin, ref)[0]
+    return out
+
+
+def step_times(cfg, steps: int, repeats: int) -> dict:
+    model, x = build(cfg, steps, False)
+    train_step(model, x)
+    times = {m: [] for m in MODES}
+    for r in range(repeats + 1):
+        for mode in (MODES if r % 2 == 0 else MODES[::-1]):
+            model.transform.reversible = mode == "reversible"
+            t0 = time.perf_counter()
+            train_step(model, x)
+            dt = time.perf_counter() - t0
+            if r:  # round 0 is the warm-up
+                times[mode].append(dt)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    return {"steps": steps, "median_s": med, "times_s": times, "ratio": med["reversible"] / med["ordinary"]}
+
+
+# -- output ---------------------------------------------------------------------------------------------------
+
+def _mb(b) -> str:
+    return f"{b / 2**20:.1f} MB"
+
+
+def table(rows, depths) -> str:
+    by = {(r["mode"], r["steps"]): r for r in rows}
+    lines = ["| K | RSS growth ordinary | RSS growth reversible | ratio | saved activations ordinary | "
+             "saved activations reversible | ratio |", "|---|---|---|---|---|---|---|"]
+    for k in depths:
+        o, r = by[("ordinary", k)], by[("reversible", k)]
+        lines.append(f"| {k} | {_mb(o['rss_growth'])} | {_mb(r['rss_growth'])} | "
+                     f"{o['rss_growth'] / max(r['rss_growth'], 1):.1f}x | {_mb(o['saved_peak'])} | "
+                     f"{_mb(r['saved_peak'])} | {o['saved_peak'] / max(r['saved_peak'], 1):.1f}x |")
+    return "\n".join(lines)
+
+
+def plot(rows, depths, path, title) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    for ax, key, label in ((fig.add_subplot(1, 2, 1), "rss_growth", "peak RSS growth of a step (MB)"),
+                           (fig.add_subplot(1, 2, 2), "saved_peak", "peak saved activations (MB)")):
+        for mode, marker in zip(MODES, "os"):
+            ys = [next(r[key] for r in rows if r["mode"] == mode and r["steps"] == k) / 2**20 for k in depths]
+            ax.plot(depths, ys, marker=marker, label=mode)
+        ax.set_xlabel("steps per level K")
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(depths, [str(k) for k in depths])
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowops bench --op reversible",
+                                description="Memory against depth, step time and gradient equality of reversible "
+                                            "recomputation vs ordinary backprop on multi-scale Glow.")
+    p.add_argument("--depths", nargs="+", type=int, default=[8, 16, 32, 64], help="steps per level K")
+    p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--image", type=int, default=32, help="image height = width")
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--time-steps", type=int, default=32, help="K for the step-time and gradient checks")
+    p.add_argument("--repeats", type=int, default=7, help="timed steps per mode")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny model and depths (smoke test)")
+    p.add_argument("--plot", default="reversible_memory.png", help="PNG path ('' to skip)")
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure every configuration in this process (no fresh process: RSS growth is then only "
+                        "indicative; for smoke tests)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="micro_batch of the reversible mode (backward recomputation in slices of this many samples)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory table (time and gradients only)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if args.child is not None:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+    if args.quick:
+        args.depths, args.levels, args.hidden, args.image, args.batch = [2, 4], 2, 8, 8, 2
+        args.time_steps, args.repeats = 2, 1
+    if args.micro_batch is not None and args.micro_batch < 1:
+        print("flowops bench --op reversible: --micro-batch must be positive", file=sys.stderr)
+        return 2
+    for name in ("levels", "hidden", "image", "channels", "batch", "time_steps", "repeats"):
+        if getattr(args, name) < 1:
+            print(f"flowops bench --op reversible: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
+    if not args.depths or min(args.depths) < 1:
+        print("flowops bench --op reversible: --depths must be positive", file=sys.stderr)
+        return 2
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, argv) -> int:
+    from .benchmark import machine_info
+
+    cfg = {"levels": args.levels, "hidden": args.hidden, "image": args.image, "channels": args.channels,
+           "batch": args.batch, "seed": args.seed, "threads": args.threads, "micro_batch": args.micro_batch}
+    desc = (f"Glow L={args.levels}, hidden {args.hidden}, {args.image}x{args.image}x{args.channels}, "
+            f"batch {args.batch}, float32" + (f", reversible micro_batch {args.micro_batch}" if args.micro_batch
+                                               else ""))
+    print(f"flowops bench --op reversible: {desc}; "
+          f"{'in this process' if args.in_process else 'one fresh process per (mode, K)'}")
+    rows = []
+    depths = [] if args.no_memory else list(args.depths)
+    for k in depths:
+        for mode in MODES:
+            rows.append((child if args.in_process else run_child)(dict(cfg, steps=k, mode=mode)))
+    if rows:
+        print(table(rows, depths))
+        if not rows[0]["peak_reset"]:
+            print("(peak RSS could not be reset: growth is the rise of ru_maxrss, a lower bound)")
+    timing = step_times(cfg, args.time_steps, args.repeats)
+    print(f"step time at K={args.time_steps}: ordinary {timing['median_s']['ordinary'] * 1e3:.1f} ms, reversible "
+          f"{timing['median_s']['reversible'] * 1e3:.1f} ms (median of {args.repeats}, interleaved): "
+          f"ratio {timing['ratio']:.3f}x (target <= {TARGETS['step_time_ratio_max']}x)")
+    grads = [grad_rel_error(cfg, args.time_steps, torch.float32), grad_rel_error(cfg, args.time_steps, torch.float64)]
+    for g, tol in zip(grads, (TARGETS["grad_rel_fp32"], TARGETS["grad_rel_fp64"])):
+        print(f"gradients {g['dtype']} K={g['steps']}: max relative difference {g['max_rel']:.2e} "
+              f"({g['worst_param']}; target <= {tol:g}), loss difference {g['loss_diff']:.2e}")
+        if "ordinary_vs_fp64" in g:
+            print(f"  precision floor: ordinary {g['dtype']} vs ordinary float64 {g['ordinary_vs_fp64']:.2e}, "
+                  f"reversible {g['dtype']} vs ordinary float64 {g['reversible_vs_fp64']:.2e}")
+    rev = [r["saved_peak"] for r in rows if r["mode"] == "reversible"]
+    flat = max(rev) / max(min(rev), 1) if rev else None
+    if rev:
+        print(f"reversible saved-activation peak, max/min over K = {depths}: {flat:.3f} "
+              f"(target <= {TARGETS['flatness_max']})")
+    result = {"machine": machine_info(torch.device("cpu")), "config": dict(cfg, depths=depths, dtype="float32",
+                                                                           time_steps=args.time_steps,
+                                                                           repeats=args.repeats, argv=argv),
+              "targets": TARGETS, "memory": rows, "timing": timing, "gradients": grads, "flatness": flat}
+    if args.plot and rows:
+        print(f"plot: {plot(rows, depths, args.plot, 'Memory of a training step: ' + desc)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"json: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

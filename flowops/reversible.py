@@ -1,0 +1,576 @@
+"""Reversible recomputation: train stacks of exactly invertible transforms without storing activations.
+
+Ordinary backprop keeps every intermediate tensor of every layer alive until the backward pass, so the
+memory of a training step grows linearly with depth. An invertible layer does not need its input stored:
+it can be rebuilt from the output. :class:`ReversibleSequential` (and ``Glow(..., reversible=True)``)
+runs the forward pass with grad mode off, keeping only the final outputs and log-dets (plus the input,
+which the drift check compares against). The backward pass walks the stack from the top: for each layer
+it rebuilds the layer's input from its output, re-runs that one layer with grad mode on and
+backpropagates through it, then frees it and moves on, so at most one layer's activations are alive at
+a time.
+
+Couplings (:class:`~flowops.nn.AffineCoupling`, :class:`~flowops.nn.AdditiveCoupling` and subclasses)
+are handled without a separate inverse pass: their pass-through part is identical on both sides, so the
+conditioner runs once in the backward on the output's pass-through part and its parameters serve both
+the reconstruction of the transformed part (an elementwise inverse) and the local gradient.
+
+Rules and options:
+
+* Every layer must have an exact inverse: couplings, ActNorm, InvConv1x1, Squeeze, permutations, MAF/IAF
+  layers, Glow's Split, ``Compose`` (walked child by child, ``GlowStep`` included) and nested
+  ``ReversibleSequential``. Another :class:`~flowops.nn.Transform` can declare ``exact_inverse = True``
+  (class or instance attribute); anything else raises ``TypeError`` at construction.
+* Parameters receive ``.grad`` through ordinary autograd accumulation (they are inputs of the autograd
+  node), so gradient hooks (DDP's included) fire, frozen parameters (``requires_grad=False``) are left
+  alone and parameters shared between layers accumulate the sum.
+* ActNorm's data-dependent initialization happens inside the (grad-free) forward exactly as in an
+  ordinary forward: the first training-mode batch initializes each ActNorm from its own input, so the
+  first step's gradients equal ordinary backprop's.
+* With grad mode off (``torch.no_grad()``, evaluation), when nothing needs a gradient, or under
+  ``torch.compile`` the stack runs as an ordinary ``Compose`` (no custom autograd node).
+* The backward is first order (``create_graph=True`` raises). A second backward through the same graph
+  raises a clear error unless the first one passed ``retain_graph=True`` (then the stack is rebuilt
+  again, as ``gradcheck`` and ``torch.autograd.functional.jacobian`` need); a backward after the
+  parameters were changed in place since the forward raises too (the rebuilt inputs would be wrong).
+* Drift: rebuilt inputs accumulate rounding error. At every stored input (the bottom of the stack, and
+  every ``checkpoint_every`` layers when set) the reconstruction is compared with the stored tensor; if
+  ``max|x_rebuilt - x| / max(max|x|, 1)`` exceeds ``drift_tol`` a :class:`ReversibleDriftWarning` is
+  issued (``on_drift="warn"``) or a :class:`ReversibleDriftError` raised (``on_drift="error"``), naming
+  the layer, the layers inverted since the last stored input, and the layer whose own round trip is
+  worst. ``checkpoint_every=k`` stores the input of every k-th layer (memory grows as depth / k), so the
+  reconstruction restarts from an exact tensor every k layers: use it for very deep or badly conditioned
+  stacks. ``drift_tol=None`` uses a dtype default (:data:`DEFAULT_DRIFT_TOL`); ``check_drift=False``
+  turns the check off.
+* ``micro_batch=m`` runs each layer's recomputation and local backward on slices of ``m`` samples (the
+  layers act on samples independently once ActNorm is initialized), which lowers the transient memory of
+  the one live layer for a small cost in speed; gradients are unchanged up to summation order.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from .nn.base import Compose, InverseTransform, Permutation, Transform
+
+__all__ = ["ReversibleSequential", "ReversibleDriftWarning", "ReversibleDriftError", "DEFAULT_DRIFT_TOL",
+           "reversible_blocks", "SavedTensorMeter"]
+
+DEFAULT_DRIFT_TOL = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+ON_DRIFT = ("warn", "error")
+
+
+class ReversibleDriftWarning(UserWarning):
+    """The rebuilt input of a layer differs from the stored one by more than the tolerance."""
+
+
+class ReversibleDriftError(RuntimeError):
+    """Raised instead of :class:`ReversibleDriftWarning` with ``on_drift="error"``."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks: one invertible unit each, as seen by the reversible engine.
+# A block maps h -> (h_out, extras, logdet); extras are extra outputs (Glow's factored-out latents).
+# ----------------------------------------------------------------------------------------------------------
+
+class _Block:
+    def __init__(self, module: nn.Module, name: str):
+        self.module, self.name = module, name
+
+    def label(self) -> str:
+        return f"{self.name} ({type(self.module).__name__})"
+
+    def params(self):
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def forward(self, h):
+        y, ld = self.module(h)
+        return y, (), ld
+
+    def inverse(self, y, extras):
+        return self.module.inverse(y)[0]
+
+    def backprop(self, y, extras, gy, gextras, gld, params, need_input_grad):
+        """Rebuild the input from ``y`` and backpropagate through this block alone.
+
+        Returns ``(x, grad_x or None, [grad per param or None])``.
+        """
+        with torch.no_grad():
+            x = self.inverse(y, extras)
+        return (x,) + self._local_grad(x, gy, gextras, gld, params, need_input_grad)
+
+    def _local_grad(self, x, gy, gextras, gld, params, need_input_grad):
+        with torch.enable_grad():
+            xl = x.detach().requires_grad_(need_input_grad)
+            y, ex, ld = self.forward(xl)
+            return _grad([y, *ex, ld], [gy, *gextras, gld], xl if need_input_grad else None, params)
+
+
+def _grad(outs, gouts, x_leaf, params):
+    pairs = [(o, g) for o, g in zip(outs, gouts) if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+    inputs = ([x_leaf] if x_leaf is not None else []) + list(params)
+    if not pairs or not inputs:
+        return None, [None] * len(params)
+    grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g.to(o.dtype) for o, g in pairs], allow_unused=True)
+    if x_leaf is not None:
+        gx, gp = grads[0], list(grads[1:])
+        if gx is None:
+            gx = torch.zeros_like(x_leaf)
+        return gx, gp
+    return None, list(grads)
+
+
+class _SplitBlock(_Block):
+    """Glow's Split: ``h -> kept`` with the standardized factored latent as an extra output."""
+
+    def forward(self, h):
+        kept, eps, ld = self.module(h)
+        return kept, (eps,), ld
+
+    def inverse(self, y, extras):
+        return self.module.inverse(y, extras[0])[0]
+
+
+class _CouplingBlock(_Block):
+    """Coupling layers: the conditioner runs once, on the output's pass-through part."""
+
+    def backprop(self, y, extras, gy, gextras, gld, params, need_input_grad):
+        t = self.module
+        y = y.detach()
+        if t.mask is None:
+            yp, yt = y[:, t._pass], y[:, t._trans]
+            with torch.enable_grad():
+                xp = yp.detach().requires_grad_(need_input_grad)
+                cond = t._params(xp)
+            with torch.no_grad():
+                xt = t._couple(yt, cond.detach(), True, None)[0]
+            with torch.enable_grad():
+                xt = xt.requires_grad_(need_input_grad)
+                yt2, ld = t._couple(xt, cond, False, None)
+                leaves = [xp, xt] if need_input_grad else []
+                gyt = gy[:, t._trans]
+                pairs = [(o, g) for o, g in ((yt2, gyt), (ld, gld)) if g is not None and o.requires_grad]
+                inputs = leaves + list(params)
+                grads = (torch.autograd.grad([o for o, _ in pairs], inputs, [g.to(o.dtype) for o, g in pairs],
+                                             allow_unused=True) if pairs and inputs else [None] * len(inputs))
+            x = torch.cat((yp, xt.detach()) if t._pass_first else (xt.detach(), yp), dim=1)
+            if not need_input_grad:
+                return x, None, list(grads)
+            gxp = gy[:, t._pass] if grads[0] is None else gy[:, t._pass] + grads[0]
+            gxt = grads[1] if grads[1] is not None else torch.zeros_like(xt)
+            gx = torch.cat((gxp, gxt) if t._pass_first else (gxt, gxp), dim=1)
+            return x, gx, list(grads[2:])
+        m = t.mask.to(y.dtype)
+        with torch.enable_grad():
+            yc = y.detach().requires_grad_(need_input_grad)
+            cond = t._params(yc * m)  # x * m == y * m: the pass-through positions are unchanged
+        with torch.no_grad():
+            x = t._couple(y, cond.detach(), True, m)[0]
+        with torch.enable_grad():
+            xl = x.requires_grad_(need_input_grad)
+            y2, ld = t._couple(xl, cond, False, m)
+            leaves = [yc, xl] if need_input_grad else []
+            pairs = [(o, g) for o, g in ((y2, gy), (ld, gld)) if g is not None and o.requires_grad]
+            inputs = leaves + list(params)
+            grads = (torch.autograd.grad([o for o, _ in pairs], inputs, [g.to(o.dtype) for o, g in pairs],
+                                         allow_unused=True) if pairs and inputs else [None] * len(inputs))
+        if not need_input_grad:
+            return x.detach(), None, list(grads)
+        gx = grads[1] if grads[1] is not None else torch.zeros_like(x)
+        if grads[0] is not None:
+            gx = gx + grads[0]
+        return x.detach(), gx, list(grads[2:])
+
+
+def _exact_kinds():
+    from .nn.coupling import _Coupling
+    from .nn.glow import ActNorm, InvConv1x1, Split, Squeeze
+    from .nn.made import _MaskedAffine
+    return _Coupling, (Permutation, ActNorm, InvConv1x1, Squeeze, _MaskedAffine), Split
+
+
+def reversible_blocks(modules, prefix: str = ""):
+    """Flatten transforms into reversible blocks (``Compose`` walked child by child); raises ``TypeError``
+    for a layer without an exact inverse. ``modules``: transforms, or ``(name, transform)`` pairs."""
+    coupling, exact, split = _exact_kinds()
+    blocks = []
+
+    def walk(m, name):
+        if isinstance(m, ReversibleSequential):
+            for i, c in enumerate(m.transforms):
+                walk(c, f"{name}.transforms.{i}" if name else f"transforms.{i}")
+        elif isinstance(m, Compose):
+            for i, c in enumerate(m.transforms):
+                walk(c, f"{name}.transforms.{i}" if name else f"transforms.{i}")
+        elif isinstance(m, split):
+            blocks.append(_SplitBlock(m, name))
+        elif isinstance(m, coupling) and getattr(m, "exact_inverse", True):
+            blocks.append(_CouplingBlock(m, name))
+        elif getattr(m, "exact_inverse", None) is True or (
+                isinstance(m, exact) and getattr(m, "exact_inverse", True)):
+            blocks.append(_Block(m, name))
+        elif isinstance(m, InverseTransform) and _is_exact(m.base):
+            blocks.append(_Block(m, name))
+        else:
+            raise TypeError(f"reversible: layer {name or '0'} ({type(m).__name__}) has no exact inverse, so its "
+                            f"input cannot be rebuilt from its output; keep it outside the reversible stack, or "
+                            f"set `exact_inverse = True` on it if its inverse is exact")
+
+    for i, m in enumerate(modules):
+        if isinstance(m, tuple):
+            walk(m[1], f"{prefix}{m[0]}")
+        else:
+            walk(m, f"{prefix}{i}")
+    return blocks
+
+
+def _is_exact(m) -> bool:
+    try:
+        reversible_blocks([m])
+        return True
+    except TypeError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------------------
+
+def _unique(params):
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+class _Engine:
+    """Runs a list of blocks as one autograd node (not an nn.Module: it only references the layers)."""
+
+    def __init__(self, blocks, checkpoint_every=None, drift_tol=None, on_drift="warn", check_drift=True,
+                 micro_batch=None):
+        self.blocks = blocks
+        self.micro_batch = micro_batch
+        self.checkpoint_every = checkpoint_every
+        self.drift_tol = drift_tol
+        self.on_drift = on_drift
+        self.check_drift = check_drift
+
+    def plain(self, x):
+        total, extras = None, []
+        for b in self.blocks:
+            x, ex, ld = b.forward(x)
+            extras.extend(ex)
+            total = ld if total is None else total + ld
+        if total is None:
+            total = x.new_zeros(x.shape[0])
+        return x, total, extras
+
+    def run(self, x):
+        """``(h, logdet, extras)``; reversible when a gradient is needed, else an ordinary forward."""
+        params = _unique(p for b in self.blocks for p in b.params())
+        if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or not (x.requires_grad or params)):
+            return self.plain(x)
+        n_extra = sum(isinstance(b, _SplitBlock) for b in self.blocks)
+        outs = _ReversibleFunction.apply(self, n_extra, x, *params)
+        return outs[0], outs[1], list(outs[2:])
+
+    def tolerance(self, dtype):
+        if self.drift_tol is not None:
+            return float(self.drift_tol)
+        return DEFAULT_DRIFT_TOL.get(dtype, 1e-3)
+
+    def checkpoint_indices(self):
+        k = self.checkpoint_every
+        idx = {0} if self.check_drift else set()
+        if k:
+            idx.update(range(k, len(self.blocks), k))
+        return idx
+
+    # -- drift ---------------------------------------------------------------------------------------------
+    def _worst_round_trip(self, x, lo, hi):
+        """Forward from the stored input through blocks lo..hi-1, inverting each output again."""
+        worst, where = -1.0, lo
+        with torch.no_grad():
+            h = x
+            for i in range(lo, hi):
+                y, ex, _ = self.blocks[i].forward(h)
+                back = self.blocks[i].inverse(y, ex)
+                err = _rel_err(back, h)
+                if not err <= worst:  # NaN counts as worst
+                    worst, where = err, i
+                    if math.isnan(err):
+                        break
+                h = y
+        return where, worst
+
+    def report_drift(self, i, hi, rebuilt, stored):
+        err = _rel_err(rebuilt, stored)
+        tol = self.tolerance(stored.dtype)
+        if err <= tol:
+            return err
+        where, worst = self._worst_round_trip(stored, i, hi)
+        b = self.blocks[i]
+        msg = (f"reversible: the rebuilt input of layer {b.label()} differs from the stored input by {err:.3g} "
+               f"(max abs error relative to max(max|x|, 1); drift_tol {tol:.3g}) after inverting layers "
+               f"{i}..{hi - 1}; the worst single-layer round trip is layer {self.blocks[where].label()} "
+               f"({worst:.3g}). The gradients may be inaccurate: use checkpoint_every=k, a higher precision, or "
+               f"keep that layer out of the reversible stack.")
+        if self.on_drift == "error":
+            raise ReversibleDriftError(msg)
+        warnings.warn(msg, ReversibleDriftWarning, stacklevel=2)
+        return err
+
+
+def _rel_err(a, b) -> float:
+    d = (a.detach().double() - b.detach().double()).abs().max().item() if a.numel() else 0.0
+    scale = max(b.detach().double().abs().max().item() if b.numel() else 0.0, 1.0)
+    return d / scale
+
+
+def _backprop_chunked(b, h, ex, gh, gex, gld, params, need_x, micro_batch):
+    """``b.backprop`` over slices of ``micro_batch`` samples (layers act on each sample independently)."""
+    n = h.shape[0]
+    if not micro_batch or n <= micro_batch:
+        return b.backprop(h, ex, gh, gex, gld, params, need_x)
+    xs, gxs, gps = [], [], [None] * len(params)
+    for s in range(0, n, micro_batch):
+        sl = slice(s, s + micro_batch)
+        x, gx, gp = b.backprop(h[sl], [e[sl] for e in ex], gh[sl], [g[sl] for g in gex], gld[sl], params, need_x)
+        xs.append(x)
+        gxs.append(gx)
+        gps = [g if a is None else (a if g is None else a + g) for a, g in zip(gps, gp)]
+    return torch.cat(xs), (torch.cat(gxs) if need_x else None), gps
+
+
+def _versions(params):
+    return tuple(p._version for p in params)
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, engine, n_extra, x, *params):
+        ckpt = engine.checkpoint_indices()
+        stored = {}
+        h, total, extras = x, None, []
+        with torch.no_grad():
+            for i, b in enumerate(engine.blocks):
+                if i in ckpt:
+                    stored[i] = h
+                h, ex, ld = b.forward(h)
+                extras.extend(ex)
+                total = ld if total is None else total + ld
+        if total is None:
+            total = h.new_zeros(h.shape[0])
+        # Outputs may alias inputs (an empty stack, a permutation of nothing): hand back fresh tensors then.
+        if h.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            h = h.clone()
+        ctx.engine, ctx.n_extra = engine, n_extra
+        ctx.params = params
+        ctx.versions = _versions(params)  # after the forward: ActNorm may have initialized itself in it
+        ctx.stored_idx = sorted(stored)
+        ctx.x_requires_grad = ctx.needs_input_grad[2]
+        ctx.save_for_backward(h, *extras, *(stored[i] for i in ctx.stored_idx))
+        return (h, total, *extras)
+
+    @staticmethod
+    def backward(ctx, gh, gtotal, *gextras):
+        if torch.is_grad_enabled():
+            raise RuntimeError("reversible: the backward of a reversible stack is first order only; "
+                               "create_graph=True (double backward) is not supported")
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as exc:
+            raise RuntimeError("reversible: backward ran a second time through the same graph of a reversible "
+                               "stack, whose stored outputs were freed by the first backward; pass "
+                               "retain_graph=True to the first backward, or run the forward again") from exc
+        engine, params = ctx.engine, ctx.params
+        if _versions(params) != ctx.versions:
+            raise RuntimeError("reversible: parameters were modified in place between the forward and the "
+                               "backward of a reversible stack (an optimizer step?), so the activations cannot be "
+                               "rebuilt; run the forward again")
+        n_extra, n_stored = ctx.n_extra, len(ctx.stored_idx)
+        h = saved[0]
+        extras = list(saved[1:1 + n_extra])
+        stored = dict(zip(ctx.stored_idx, saved[1 + n_extra:1 + n_extra + n_stored]))
+        index = {id(p): j for j, p in enumerate(params)}
+        pgrads = [None] * len(params)
+        gh = gh if gh is not None else torch.zeros_like(h)
+        gextras = list(gextras)
+        blocks = engine.blocks
+        ex_end = n_extra
+        seg_top = len(blocks)
+        for i in range(len(blocks) - 1, -1, -1):
+            b = blocks[i]
+            if isinstance(b, _SplitBlock):
+                ex, gex = extras[ex_end - 1:ex_end], gextras[ex_end - 1:ex_end]
+                ex_end -= 1
+            else:
+                ex, gex = (), ()
+            bp = b.params()
+            need_x = i > 0 or ctx.x_requires_grad
+            x, gx, gp = _backprop_chunked(b, h, ex, gh, gex, gtotal, bp, need_x, engine.micro_batch)
+            for p, g in zip(bp, gp):
+                if g is None:
+                    continue
+                j = index.get(id(p))
+                if j is None:
+                    continue  # became trainable after the forward: it was not an input of this node
+                pgrads[j] = g if pgrads[j] is None else pgrads[j] + g
+            if i in stored:
+                engine.report_drift(i, seg_top, x, stored[i])
+                x = stored[i]
+                seg_top = i
+            h, gh = x.detach(), gx
+        return (None, None, gh if ctx.x_requires_grad else None, *pgrads)
+
+
+class ReversibleSequential(Transform):
+    """A stack of exactly invertible transforms trained by reversible recomputation.
+
+    ``forward(x) -> (z, logabsdet)`` and ``inverse(z) -> (x, logabsdet)`` behave like
+    :class:`~flowops.nn.Compose` of the same transforms (same outputs, same gradients, same state_dict
+    layout ``transforms.<i>...``); only the memory of the training step differs. See the module docs for
+    the options ``checkpoint_every``, ``drift_tol``, ``on_drift`` and ``check_drift``, and the rules.
+    ``enabled=False`` (or setting ``.enabled``) runs the ordinary backprop path, for comparison.
+    """
+
+    def __init__(self, *transforms: Transform, checkpoint_every: int | None = None, drift_tol: float | None = None,
+                 on_drift: str = "warn", check_drift: bool = True, enabled: bool = True,
+                 micro_batch: int | None = None):
+        super().__init__()
+        if len(transforms) == 1 and isinstance(transforms[0], (list, tuple, nn.ModuleList)):
+            transforms = tuple(transforms[0])
+        for i, t in enumerate(transforms):
+            if not isinstance(t, Transform):
+                raise TypeError(f"ReversibleSequential: transform {i} must be a flowops Transform, got "
+                                f"{type(t).__name__}")
+        self.transforms = nn.ModuleList(transforms)
+        self.checkpoint_every = _check_options(checkpoint_every, drift_tol, on_drift)
+        self.drift_tol = None if drift_tol is None else float(drift_tol)
+        self.on_drift, self.check_drift, self.enabled = on_drift, bool(check_drift), bool(enabled)
+        self.micro_batch = _check_micro_batch(micro_batch)
+        reversible_blocks(self.transforms, "transforms.")  # raises early for a layer without an exact inverse
+
+    def __len__(self):
+        return len(self.transforms)
+
+    def __getitem__(self, i):
+        return self.transforms[i]
+
+    def engine(self) -> _Engine:
+        return _Engine(reversible_blocks(self.transforms, "transforms."), self.checkpoint_every, self.drift_tol,
+                       self.on_drift, self.check_drift, self.micro_batch)
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"ReversibleSequential: x must be a torch.Tensor, got {type(x).__name__}")
+        if not self.enabled:
+            return Compose.forward(self, x)
+        h, total, extras = self.engine().run(x)
+        if extras:  # only Glow's Split produces extras; it belongs inside GlowTransform
+            raise TypeError("ReversibleSequential: a Split layer has two outputs; use Glow(..., reversible=True)")
+        return h, total
+
+    def inverse(self, z):
+        total = None
+        for t in reversed(self.transforms):
+            z, ld = t.inverse(z)
+            total = ld if total is None else total + ld
+        if total is None:
+            total = z.new_zeros(z.shape[0])
+        return z, total
+
+    _fused = Compose._fused  # used by Compose.forward when enabled=False
+
+    def extra_repr(self):
+        return (f"checkpoint_every={self.checkpoint_every}, drift_tol={self.drift_tol}, on_drift={self.on_drift!r}, "
+                f"enabled={self.enabled}")
+
+
+def _check_micro_batch(micro_batch):
+    if micro_batch is not None:
+        if isinstance(micro_batch, bool) or not isinstance(micro_batch, int):
+            raise TypeError(f"reversible: micro_batch must be an int or None, got {type(micro_batch).__name__}")
+        if micro_batch < 1:
+            raise ValueError(f"reversible: micro_batch must be at least 1, got {micro_batch}")
+    return micro_batch
+
+
+def _check_options(checkpoint_every, drift_tol, on_drift):
+    if checkpoint_every is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
+            raise TypeError(f"reversible: checkpoint_every must be an int or None, got "
+                            f"{type(checkpoint_every).__name__}")
+        if checkpoint_every < 1:
+            raise ValueError(f"reversible: checkpoint_every must be at least 1, got {checkpoint_every}")
+    if drift_tol is not None and not float(drift_tol) >= 0:
+        raise ValueError(f"reversible: drift_tol must be a non-negative number or None, got {drift_tol}")
+    if on_drift not in ON_DRIFT:
+        raise ValueError(f"reversible: on_drift must be one of {ON_DRIFT}, got {on_drift!r}")
+    return checkpoint_every
+
+
+class SavedTensorMeter:
+    """Context manager measuring the bytes autograd keeps saved for backward (live and peak).
+
+    Counts each storage once while any saved reference to it is alive; tensors in ``exclude`` (e.g. the
+    model's parameters) are not counted. ``peak`` is the high-water mark in bytes over the context,
+    including saved tensors of graphs built during a backward run inside it.
+    """
+
+    def __init__(self, exclude=()):
+        self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self._refs = {}
+        self.live = 0
+        self.peak = 0
+        self._ctx = None
+
+    def _pack(self, t):
+        key = t.untyped_storage().data_ptr()
+        if key in self._exclude or t.device.type == "meta":
+            return t
+        n = self._refs.get(key)
+        if n is None:
+            self.live += t.untyped_storage().nbytes()
+            self.peak = max(self.peak, self.live)
+            self._refs[key] = [1, t.untyped_storage().nbytes()]
+        else:
+            n[0] += 1
+        return _Handle(self, key, t)
+
+    def _release(self, key):
+        n = self._refs.get(key)
+        if n is None:
+            return
+        n[0] -= 1
+        if n[0] == 0:
+            self.live -= n[1]
+            del self._refs[key]
+
+    @staticmethod
+    def _unpack(h):
+        return h.t if isinstance(h, _Handle) else h
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        return False
+
+
+class _Handle:
+    __slots__ = ("meter", "key", "t")
+
+    def __init__(self, meter, key, t):
+        self.meter, self.key, self.t = meter, key, t
+
+    def __del__(self):
+        self.meter._release(self.key)

@@ -1,0 +1,319 @@
+"""Reversible recomputation: gradients equal ordinary backprop, drift checks, bounded memory, misuse errors."""
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from flowops import bench_reversible, benchmark
+from flowops.flow import Flow
+from flowops.models.glow import Glow
+from flowops.models.maf import MAF
+from flowops.models.realnvp import RealNVP
+from flowops.nn.base import Compose, RandomPermutation, ReversePermutation, Transform
+from flowops.nn.coupling import AdditiveCoupling, AffineCoupling
+from flowops.nn.glow import ActNorm, InvConv1x1
+from flowops.nn.planar import Planar
+from flowops.reversible import (ReversibleDriftError, ReversibleDriftWarning, ReversibleSequential,
+                                SavedTensorMeter)
+
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def _perturb(module, scale=0.1, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen).to(p.dtype))
+    return module
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _compare(ordinary, reversible, x, dtype, check_x=True):
+    """Same log-density and gradients (input and every parameter) from the two modules."""
+    xo = x.clone().requires_grad_(check_x)
+    xr = x.clone().requires_grad_(check_x)
+    lo = ordinary.log_prob(xo) if isinstance(ordinary, Flow) else ordinary(xo)[1]
+    lr = reversible.log_prob(xr) if isinstance(reversible, Flow) else reversible(xr)[1]
+    assert lr.grad_fn is not None
+    torch.testing.assert_close(lr, lo, rtol=TOL[dtype], atol=TOL[dtype])
+    w = torch.linspace(0.5, 1.5, x.shape[0], dtype=dtype)  # a non-uniform upstream gradient
+    (lo * w).sum().backward()
+    (lr * w).sum().backward()
+    if check_x:
+        assert _rel(xr.grad, xo.grad) <= TOL[dtype]
+    n = 0
+    for (name, po), pr in zip(ordinary.named_parameters(), reversible.parameters()):
+        if po.grad is None:
+            assert pr.grad is None, name
+            continue
+        assert pr.grad is not None, name
+        assert _rel(pr.grad, po.grad) <= TOL[dtype], (name, _rel(pr.grad, po.grad))
+        n += 1
+    assert n > 0
+
+
+def _rev_flow(flow: Flow, **kw) -> Flow:
+    """The same flow (a deep copy) with its Compose replaced by a ReversibleSequential."""
+    twin = copy.deepcopy(flow)
+    twin.transform = ReversibleSequential(*twin.transform.transforms, **kw)
+    return twin
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mask", ["half", "alternating"])
+def test_realnvp_gradients_equal(dtype, mask):
+    flow = _perturb(RealNVP(5, layers=5, hidden=16, mask=mask)).to(dtype)
+    rev = _rev_flow(flow)
+    _compare(flow, rev, torch.randn(7, 5, dtype=dtype), dtype)
+    state = flow.state_dict()
+    assert set(rev.state_dict()) == set(state)  # same layout: checkpoints load either way
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_maf_gradients_equal(dtype):
+    flow = _perturb(MAF(4, transforms=3, hidden=(12, 12)), scale=0.2).to(dtype)
+    _compare(flow, _rev_flow(flow), torch.randn(6, 4, dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("coupling", ["affine", "additive"])
+def test_glow_gradients_equal(dtype, coupling):
+    torch.manual_seed(3)
+    ordinary = Glow((3, 8, 8), levels=2, steps=2, hidden=8, coupling=coupling).to(dtype)
+    rev = copy.deepcopy(ordinary)
+    rev.transform.reversible = True
+    # Fresh ActNorms: the data-dependent initialization happens inside the reversible forward.
+    x = torch.rand(5, 3, 8, 8, dtype=dtype)
+    _compare(ordinary, rev, x, dtype)
+    assert all(bool(m.initialized) for m in rev.modules() if isinstance(m, ActNorm))
+    for (n, a), b in zip(ordinary.named_buffers(), rev.buffers()):
+        torch.testing.assert_close(a, b, msg=n)
+    # Trained-looking weights (zero-initialized conditioner outputs perturbed), second step.
+    _perturb(ordinary, 0.05)
+    _perturb(rev, 0.05)
+    ordinary.zero_grad()
+    rev.zero_grad()
+    _compare(ordinary, rev, x, dtype)
+
+
+def test_glow_reversible_constructor_and_checkpoints():
+    torch.manual_seed(0)
+    g = Glow((3, 8, 8), levels=3, steps=3, hidden=8, reversible=True, checkpoint_every=4)
+    assert g.transform.reversible and g.transform.checkpoint_every == 4
+    ordinary = copy.deepcopy(g)
+    ordinary.transform.reversible = False
+    _perturb(g, 0.05)
+    _perturb(ordinary, 0.05)
+    _compare(ordinary, g, torch.rand(3, 3, 8, 8, dtype=torch.float32), torch.float32)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        Glow((3, 8, 8), levels=1, steps=1, hidden=4, reversible=True, checkpoint_every=0)
+    # sampling and no-grad evaluation use the ordinary path: no custom autograd node
+    g.eval()
+    with torch.no_grad():
+        z, ld = g.transform(torch.rand(2, 3, 8, 8))
+        x, _ = g.transform.inverse(z)
+    assert z.grad_fn is None and x.shape == (2, 3, 8, 8)
+
+
+def test_mixed_stack_shared_frozen_and_hooks():
+    torch.manual_seed(0)
+    d = 6
+    shared = AffineCoupling(d, hidden=8, scale="exp")
+    frozen = AffineCoupling(d, hidden=8, flip=True)
+    layers = [ActNorm(d), shared, RandomPermutation(d), frozen, InvConv1x1(d), AdditiveCoupling(d, mask="alternating",
+                                                                                                  hidden=8), shared]
+    inner = ReversibleSequential(*layers)
+    outer_rev = Compose(AffineCoupling(d, hidden=8), inner, AffineCoupling(d, hidden=8, flip=True))
+    _perturb(outer_rev, 0.2)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    outer_ord = copy.deepcopy(outer_rev)
+    outer_ord.transforms[1] = Compose(*outer_ord.transforms[1].transforms)
+    seen = []
+    shared_rev = outer_rev.transforms[1].transforms[1]
+    shared_rev.conditioner[0].weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    _compare(outer_ord, outer_rev, torch.randn(9, d, dtype=torch.float32), torch.float32)
+    assert len(seen) == 1  # the shared parameter's hook fired once, with the summed gradient
+    torch.testing.assert_close(seen[0], shared_rev.conditioner[0].weight.grad)
+    assert all(p.grad is None for p in outer_rev.transforms[1].transforms[3].parameters())
+
+
+def test_logdet_matches_bruteforce_jacobian_and_gradcheck():
+    torch.manual_seed(0)
+    d = 4
+    rs = _perturb(ReversibleSequential(AffineCoupling(d, hidden=8, scale="exp"), ReversePermutation(d),
+                                       AffineCoupling(d, hidden=8, mask="alternating"), ActNorm(d)), 0.3).double()
+    rs(torch.randn(16, d, dtype=torch.float64))  # ActNorm initialization
+    x = torch.randn(3, d, dtype=torch.float64, requires_grad=True)
+    _, ld = rs(x)
+    for i in range(x.shape[0]):
+        jac = torch.autograd.functional.jacobian(lambda v: rs(v.unsqueeze(0))[0].squeeze(0), x[i].detach())
+        torch.testing.assert_close(ld[i], torch.linalg.slogdet(jac)[1].detach())
+    assert torch.autograd.gradcheck(lambda v: rs(v), (x,))
+    # inverse round trip
+    z, ldz = rs(x)
+    xb, ldx = rs.inverse(z)
+    torch.testing.assert_close(xb, x)
+    torch.testing.assert_close(ldx, -ldz)
+
+
+def _bad_coupling(d):
+    """An affine coupling whose shift is huge: x * s + 1e6 keeps few of x's bits in float32."""
+    c = AffineCoupling(d, hidden=4, scale="exp")
+    with torch.no_grad():
+        c.conditioner[-1].bias[d - d // 2:] = 1e6
+    return c
+
+
+def test_drift_check_names_layer():
+    torch.manual_seed(0)
+    d = 4
+    good = lambda flip: _perturb(AffineCoupling(d, hidden=8, flip=flip), 0.1)  # noqa: E731
+    rs = ReversibleSequential(good(False), good(True), _bad_coupling(d), good(True), good(False))
+    x = torch.randn(8, d)
+    with pytest.warns(ReversibleDriftWarning, match=r"transforms\.0.*worst single-layer round trip is layer "
+                                                    r"transforms\.2 \(AffineCoupling"):
+        rs(x)[1].sum().backward()
+    rs.on_drift = "error"
+    with pytest.raises(ReversibleDriftError, match="drift_tol"):
+        rs(x)[1].sum().backward()
+    rs.drift_tol = 10.0  # tolerance option: no complaint
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rs(x)[1].sum().backward()
+    # A checkpoint at the bad layer's output isolates the drift: the layers below rebuild exactly.
+    rs.drift_tol, rs.checkpoint_every = None, 3
+    with pytest.raises(ReversibleDriftError, match=r"layer transforms\.0 .*inverting layers 0\.\.2"):
+        rs(x)[1].sum().backward()
+    # A well-conditioned stack never warns.
+    ok = ReversibleSequential(*[good(i % 2 == 1) for i in range(6)], on_drift="error")
+    ok(x)[1].sum().backward()
+
+
+def test_saved_memory_bounded_in_depth():
+    torch.manual_seed(0)
+
+    def peak(depth, reversible):
+        layers = [AffineCoupling(16, hidden=64, flip=i % 2 == 1) for i in range(depth)]
+        stack = ReversibleSequential(*layers) if reversible else Compose(*layers)
+        x = torch.randn(128, 16)
+        with SavedTensorMeter(exclude=list(stack.parameters())) as meter:
+            z, ld = stack(x)
+            (z.square().sum() + ld.sum()).backward()
+        assert meter.live == 0
+        return meter.peak
+
+    rev = {k: peak(k, True) for k in (4, 16)}
+    ordn = {k: peak(k, False) for k in (4, 16)}
+    assert rev[16] <= 1.2 * rev[4], rev
+    assert ordn[16] >= 3 * ordn[4], ordn
+    assert ordn[16] >= 5 * rev[16], (ordn, rev)
+
+
+def test_misuse_errors():
+    d = 4
+    with pytest.raises(TypeError, match=r"layer transforms\.1 \(Planar\) has no exact inverse"):
+        ReversibleSequential(AffineCoupling(d), Planar(d))
+
+    class NoExact(Transform):
+        def forward(self, x):
+            return x * 2, x.new_full((x.shape[0],), d * 0.6931)
+
+        def inverse(self, z):
+            return z / 2, z.new_full((z.shape[0],), -d * 0.6931)
+
+    with pytest.raises(TypeError, match="exact_inverse"):
+        ReversibleSequential(NoExact())
+    declared = NoExact()
+    declared.exact_inverse = True
+    ReversibleSequential(declared)
+    with pytest.raises(TypeError, match="Transform"):
+        ReversibleSequential(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="on_drift"):
+        ReversibleSequential(AffineCoupling(d), on_drift="explode")
+    with pytest.raises(TypeError, match="checkpoint_every"):
+        ReversibleSequential(AffineCoupling(d), checkpoint_every=1.5)
+
+    rs = _perturb(ReversibleSequential(AffineCoupling(d, hidden=8), AffineCoupling(d, hidden=8, flip=True)))
+    x = torch.randn(3, d, requires_grad=True)
+    out = rs(x)[1].sum()
+    out.backward()
+    with pytest.raises(RuntimeError, match="second time through the same graph"):
+        out.backward()
+    out = rs(x)[1].sum()
+    with pytest.raises(RuntimeError, match="first order"):
+        torch.autograd.grad(out, x, create_graph=True)
+    out = rs(x)[1].sum()
+    with torch.no_grad():
+        rs[0].conditioner[0].weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.backward()
+    # empty batch: empty outputs, zero gradients
+    z, ld = rs(torch.zeros(0, d, requires_grad=True))
+    assert z.shape == (0, d) and ld.shape == (0,)
+    ld.sum().backward()
+
+
+def test_disabled_and_no_grad_paths_match():
+    rs = _perturb(ReversibleSequential(AffineCoupling(4, hidden=8), AffineCoupling(4, hidden=8, flip=True)))
+    x = torch.randn(5, 4)
+    z1, l1 = rs(x)
+    rs.enabled = False
+    z2, l2 = rs(x)
+    with torch.no_grad():
+        rs.enabled = True
+        z3, l3 = rs(x)
+    assert z3.grad_fn is None
+    for a in (z2, z3):
+        torch.testing.assert_close(a, z1)
+    for a in (l2, l3):
+        torch.testing.assert_close(a, l1)
+
+
+def test_bench_reversible_quick(tmp_path):
+    js, png = tmp_path / "rev.json", tmp_path / "rev.png"
+    argv = ["--op", "reversible", "--quick", "--in-process", "--threads", "1", "--plot", str(png),
+            "--json", str(js)]
+    assert benchmark.main(argv) == 0
+    data = json.loads(js.read_text())
+    assert png.stat().st_size > 0
+    assert {r["mode"] for r in data["memory"]} == {"ordinary", "reversible"}
+    assert len(data["memory"]) == 2 * len(data["config"]["depths"])
+    for g in data["gradients"]:
+        assert g["max_rel"] <= data["targets"]["grad_rel_" + ("fp32" if g["dtype"] == "float32" else "fp64")]
+    assert data["timing"]["ratio"] > 0
+    by = {(r["mode"], r["steps"]): r for r in data["memory"]}
+    k = max(data["config"]["depths"])
+    assert by[("ordinary", k)]["saved_peak"] > by[("reversible", k)]["saved_peak"] > 0
+
+
+def test_bench_reversible_fresh_process_child():
+    cfg = {"levels": 1, "hidden": 4, "image": 4, "channels": 3, "batch": 2, "seed": 0, "threads": 1,
+           "steps": 2, "mode": "reversible"}
+    rec = bench_reversible.run_child(cfg)
+    assert rec["mode"] == "reversible" and rec["steps"] == 2
+    assert rec["saved_peak"] > 0 and rec["rss_growth"] >= 0 and rec["param_bytes"] > 0
+
+
+def test_micro_batch_gradients_equal():
+    torch.manual_seed(0)
+    ordinary = Glow((3, 8, 8), levels=2, steps=2, hidden=8)
+    rev = copy.deepcopy(ordinary)
+    rev.transform.reversible, rev.transform.micro_batch = True, 2
+    _perturb(ordinary, 0.05)
+    _perturb(rev, 0.05)
+    _compare(ordinary, rev, torch.rand(5, 3, 8, 8, dtype=torch.float64).float(), torch.float32)
+    rs = ReversibleSequential(AffineCoupling(4, hidden=8), micro_batch=3)
+    ordinary_rs = copy.deepcopy(rs)
+    ordinary_rs.enabled = False
+    _perturb(rs)
+    _perturb(ordinary_rs)
+    _compare(ordinary_rs, rs, torch.randn(7, 4, dtype=torch.float32), torch.float32)
+    with pytest.raises(ValueError, match="micro_batch"):
+        ReversibleSequential(AffineCoupling(4), micro_batch=0)
