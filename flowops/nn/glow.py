@@ -291,7 +291,7 @@ class Split(nn.Module):
         nn.init.zeros_(self.prior.bias)
 
     def _stats(self, kept):
-        h = self.prior(kept)
+        h = _conv_layout(self.prior, kept)
         return h[:, : self.factored], h[:, self.factored:]
 
     def forward(self, x):
@@ -324,11 +324,33 @@ class Split(nn.Module):
         return self.inverse(kept, eps)[0]
 
 
+def _conv_layout(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``module(h)`` for a convolutional conditioner; outside the reference backend, on the CPU, it runs in
+    the channels-last layout (oneDNN's convolutions skip their per-call layout reorders there: about 1.6x
+    faster forward + backward for Glow's 3x3 convolutions at 16x16 with 128 hidden channels) and the
+    result comes back contiguous NCHW. Values are the same up to float rounding."""
+    if h.dim() == 4 and h.device.type == "cpu" and _fused(h):
+        h = h.contiguous(memory_format=torch.channels_last)
+        if isinstance(module, nn.Sequential):
+            for m in module:  # ReLUs in place: no extra activation buffer (autograd keeps only their output)
+                h = F.relu_(h) if type(m) is nn.ReLU else m(h)
+            return h.contiguous()
+        return module(h).contiguous()
+    return module(h)
+
+
 class _AnySpatial:
     """Coupling mixin: accept any height/width (the conv conditioner does not depend on them)."""
 
     def _check(self, x):
         _check_input(type(self).__name__, "x", x, self.shape[0])
+
+    def _params(self, h):
+        p = _conv_layout(self.conditioner, h)
+        if p.shape[1] != self.cond_out:
+            raise ValueError(f"{type(self).__name__}: conditioner returned {p.shape[1]} channels along dim 1, "
+                             f"expected {self.cond_out}")
+        return p
 
 
 class GlowAffineCoupling(_AnySpatial, AffineCoupling):
