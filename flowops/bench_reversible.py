@@ -171,6 +171,13 @@ def grad_rel_error(cfg, steps: int, dtype) -> dict:
         ref = copy.deepcopy(model).double()
         train_step(ref, x.double())
         out["ordinary_vs_fp64"], out["reversible_vs_fp64"] = worst(model, ref)[0], worst(twin, ref)[0]
+        out["ordinary_vs_fp64_global"], out["reversible_vs_fp64_global"] = global_rel(model, ref), global_rel(twin, ref)
+        # the same with a stored input every 8 steps (checkpoint_every=8): reconstruction restarts from exact
+        # values, so rounding cannot build up through the whole stack
+        ck = copy.deepcopy(model)
+        ck.transform.reversible, ck.transform.checkpoint_every = True, 8
+        train_step(ck, x)
+        out["checkpoint8_global"], out["checkpoint8_vs_fp64_global"] = global_rel(ck, model), global_rel(ck, ref)
     return out
 
 
@@ -318,7 +325,11 @@ def _run(args, argv) -> int:
               f"||g_rev - g_ord|| / ||g_ord|| = {g['global_rel']:.2e}; loss difference {g['loss_diff']:.2e}")
         if "ordinary_vs_fp64" in g:
             print(f"  precision floor: ordinary {g['dtype']} vs ordinary float64 {g['ordinary_vs_fp64']:.2e}, "
-                  f"reversible {g['dtype']} vs ordinary float64 {g['reversible_vs_fp64']:.2e}")
+                  f"reversible {g['dtype']} vs ordinary float64 {g['reversible_vs_fp64']:.2e} (worst tensor); all "
+                  f"parameters together: ordinary {g['ordinary_vs_fp64_global']:.2e}, reversible "
+                  f"{g['reversible_vs_fp64_global']:.2e}")
+            print(f"  with checkpoint_every=8: all parameters together {g['checkpoint8_global']:.2e} from ordinary "
+                  f"{g['dtype']}, {g['checkpoint8_vs_fp64_global']:.2e} from float64")
     rev = [r["saved_peak"] for r in rows if r["mode"] == "reversible"]
     flat = max(rev) / max(min(rev), 1) if rev else None
     if rev:

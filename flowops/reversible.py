@@ -122,6 +122,43 @@ def _grad(outs, gouts, x_leaf, params):
     return None, list(grads)
 
 
+class _ActNormInvConvBlock(_Block):
+    """A GlowStep's ActNorm and 1x1 convolution as one block, run as the fused op
+    :func:`flowops.ops.actnorm_invconv` outside the reference backend (the same op the ordinary GlowStep
+    runs), both for the reconstruction and for the local gradients."""
+
+    def __init__(self, step: nn.Module, name: str):
+        super().__init__(step, name)
+        self.actnorm, self.invconv = step.actnorm, step.invconv
+
+    def label(self) -> str:
+        return f"{self.name}.transforms.0-1 (ActNorm + InvConv1x1)"
+
+    def params(self):
+        return [p for m in (self.actnorm, self.invconv) for p in m.parameters() if p.requires_grad]
+
+    def forward(self, h):
+        from .nn.glow import _fused
+        an, ic = self.actnorm, self.invconv
+        if not _fused(h):
+            y, ld1 = an(h)
+            y, ld2 = ic(y)
+            return y, (), ld1 + ld2
+        if an.training and not an.is_initialized():
+            an.initialize(h)
+        from .ops import actnorm_invconv
+        y, ld = actnorm_invconv(h, an.log_scale, an.bias, ic.forward_weight(), ic.log_s.sum(), inverse=False)
+        return y, (), ld
+
+    def inverse(self, y, extras):
+        from .nn.glow import _fused
+        an, ic = self.actnorm, self.invconv
+        if not _fused(y):
+            return an.inverse(ic.inverse(y)[0])[0]
+        from .ops import actnorm_invconv
+        return actnorm_invconv(y, an.log_scale, an.bias, ic.inverse_weight(), ic.log_s.sum(), inverse=True)[0]
+
+
 class _SplitBlock(_Block):
     """Glow's Split: ``h -> kept`` with the standardized factored latent as an extra output."""
 
@@ -195,12 +232,16 @@ def reversible_blocks(modules, prefix: str = ""):
     """Flatten transforms into reversible blocks (``Compose`` walked child by child); raises ``TypeError``
     for a layer without an exact inverse. ``modules``: transforms, or ``(name, transform)`` pairs."""
     coupling, exact, split = _exact_kinds()
+    from .nn.glow import GlowStep as glow_step
     blocks = []
 
     def walk(m, name):
         if isinstance(m, ReversibleSequential):
             for i, c in enumerate(m.transforms):
                 walk(c, f"{name}.transforms.{i}" if name else f"transforms.{i}")
+        elif isinstance(m, glow_step) and type(m).forward is glow_step.forward and len(m.transforms) == 3:
+            blocks.append(_ActNormInvConvBlock(m, name))
+            walk(m.transforms[2], f"{name}.transforms.2" if name else "transforms.2")
         elif isinstance(m, Compose):
             for i, c in enumerate(m.transforms):
                 walk(c, f"{name}.transforms.{i}" if name else f"transforms.{i}")
