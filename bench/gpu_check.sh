@@ -4,7 +4,8 @@
 #
 #     bash bench/gpu_check.sh            # logs and results in ./out, or in $OUT when set
 #
-# Steps, each under `timeout`, the whole run within GPU_CHECK_BUDGET_S (default 450 s):
+# Steps, each under `timeout`, the whole run within GPU_CHECK_BUDGET_S (default 450 s; steps that do not
+# fit are skipped and reported, so raise it when the device time allows):
 #   1. record the machine (nvidia-smi, torch / triton / CUDA versions);
 #   2. install flowops editable against the installed torch (no build isolation, no dependency
 #      resolution, nothing downloaded). The C++ extension holds CPU kernels only, so its build is
@@ -102,6 +103,12 @@ step bench 420 env TRITON_INTERPRET=0 "$PY" -m flowops bench --device cuda --jso
 step made_tests 150 env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs tests/test_masked_linear.py tests/test_made.py
 step made_bench 240 env TRITON_INTERPRET=0 "$PY" -m flowops bench --op masked_linear maf --device cuda --no-memory \
     --json "$OUT/bench_made_cuda.json"
+
+# 7. Glow and CNF: actnorm_invconv and mlp_trace (Triton on CUDA) against their references, a fused Glow
+#    against the reference-op Glow and reversible against ordinary backprop on CUDA; then their bench rows
+step glow_cnf_tests 150 env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs tests/test_cuda_ops.py
+step glow_cnf_bench 240 env TRITON_INTERPRET=0 "$PY" -m flowops bench --op actnorm_invconv invconv_inverse glow_step \
+    mlp_trace --device cuda --no-compile --json "$OUT/bench_glow_cnf_cuda.json"
 
 log "done in $(( $(date +%s) - START ))s, status $STATUS; logs in $OUT"
 exit "$STATUS"
