@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
-import json
 import math
 import os
 import statistics
@@ -50,9 +49,9 @@ import time
 import torch
 
 from . import _backend
-from .train import SCHEDULES, History, _backend_name, lr_factor, make_optimizer
+from .train import SCHEDULES, History, _backend_name, _finish, lr_factor, make_optimizer
 
-__all__ = ["DEFAULTS", "BatchOrder", "build_model", "drop_weight_caches", "heldout_bpd", "load_checkpoint", "main"]
+__all__ = ["DEFAULTS", "BatchOrder", "build_model", "heldout_bpd", "load_checkpoint", "main"]
 
 FORMAT = "flowops.glow_train/1"
 N_LEVELS = 17
@@ -142,18 +141,6 @@ def _lr_at(cfg: dict, step: int) -> float:
     return cfg["lr"] * warm * lr_factor(cfg["schedule"], step, cfg["steps"])
 
 
-def drop_weight_caches(model: torch.nn.Module) -> None:
-    """Drops every cached derived weight (InvConv1x1's ``W`` / ``W^-1``) in ``model``.
-
-    Those caches are keyed on the parameters' version counters, which the fused Adam step
-    (``torch.optim.Adam(fused=True)``) does not bump: after training with it, call this before evaluating
-    or sampling without gradients.
-    """
-    for m in model.modules():
-        if hasattr(m, "invalidate_cache"):
-            m.invalidate_cache()
-
-
 @torch.no_grad()
 def heldout_bpd(model, x: torch.Tensor, seed: int = 0, draws: int = 4, chunk: int = 1024) -> float:
     """Mean bits/dim of the discrete images ``x`` under ``model`` (eval mode, no gradients).
@@ -166,7 +153,6 @@ def heldout_bpd(model, x: torch.Tensor, seed: int = 0, draws: int = 4, chunk: in
 
     was = model.training
     model.eval()
-    drop_weight_caches(model)
     try:
         gen = torch.Generator().manual_seed(int(seed))
         p0 = next(model.parameters())
@@ -507,8 +493,6 @@ def _run(args, cfg, ckpt, temps, rank, world, device) -> int:
                     if cfg["clip"] > 0:
                         torch.nn.utils.clip_grad_norm_(ps, cfg["clip"], foreach=True)
                     opt.step()
-                    # the fused Adam step does not bump version counters: drop weight caches keyed on them
-                    drop_weight_caches(models[i])
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 hist.step_time.append(clock() - t0)
@@ -581,7 +565,6 @@ def _run(args, cfg, ckpt, temps, rank, world, device) -> int:
         gen = torch.Generator(device=device).manual_seed(seed + 3)
         m = models[0]
         m.eval()
-        drop_weight_caches(m)
         with torch.no_grad(), _backend.use_backend(backends[0]):
             for t in temps:
                 v, _ = logit.inverse(m.sample(n, temperature=t, generator=gen))
@@ -592,14 +575,7 @@ def _run(args, cfg, ckpt, temps, rank, world, device) -> int:
         metrics["samples_png"] = png
         say(f"samples: {png}")
     metrics["history"] = {"fused": losses[0], **({"reference": losses[1]} if cfg["compare"] else {})}
-    path = os.path.join(out, "metrics.json")
-    with open(path, "w") as fh:
-        json.dump(metrics, fh, indent=2)
-    say(f"metrics: {path}")
-    if not ok:
-        print("error: the held-out bits/dim is not finite (training diverged)", file=sys.stderr)
-        return 1
-    return 0
+    return _finish(os.path.join(out, "metrics.json"), metrics, ok, what="held-out bits/dim")
 
 
 def _draw(train_x, order, noise, batch, logit, dequantize, dtype=torch.float32):

@@ -123,40 +123,22 @@ def _grad(outs, gouts, x_leaf, params):
 
 
 class _ActNormInvConvBlock(_Block):
-    """A GlowStep's ActNorm and 1x1 convolution as one block, run as the fused op
-    :func:`flowops.ops.actnorm_invconv` outside the reference backend (the same op the ordinary GlowStep
-    runs), both for the reconstruction and for the local gradients."""
-
-    def __init__(self, step: nn.Module, name: str):
-        super().__init__(step, name)
-        self.actnorm, self.invconv = step.actnorm, step.invconv
+    """A GlowStep's ActNorm and 1x1 convolution as one block, through :meth:`GlowStep.norm_conv` and
+    :meth:`GlowStep.norm_conv_inverse` (the fused op outside the reference backend, as the ordinary
+    GlowStep runs it), both for the reconstruction and for the local gradients."""
 
     def label(self) -> str:
         return f"{self.name}.transforms.0-1 (ActNorm + InvConv1x1)"
 
     def params(self):
-        return [p for m in (self.actnorm, self.invconv) for p in m.parameters() if p.requires_grad]
+        return [p for m in self.module.transforms[:2] for p in m.parameters() if p.requires_grad]
 
     def forward(self, h):
-        from .nn.glow import _fused
-        an, ic = self.actnorm, self.invconv
-        if not _fused(h):
-            y, ld1 = an(h)
-            y, ld2 = ic(y)
-            return y, (), ld1 + ld2
-        if an.training and not an.is_initialized():
-            an.initialize(h)
-        from .ops import actnorm_invconv
-        y, ld = actnorm_invconv(h, an.log_scale, an.bias, ic.forward_weight(), ic.log_s.sum(), inverse=False)
+        y, ld = self.module.norm_conv(h)
         return y, (), ld
 
     def inverse(self, y, extras):
-        from .nn.glow import _fused
-        an, ic = self.actnorm, self.invconv
-        if not _fused(y):
-            return an.inverse(ic.inverse(y)[0])[0]
-        from .ops import actnorm_invconv
-        return actnorm_invconv(y, an.log_scale, an.bias, ic.inverse_weight(), ic.log_s.sum(), inverse=True)[0]
+        return self.module.norm_conv_inverse(y)[0]
 
 
 class _SplitBlock(_Block):

@@ -302,7 +302,7 @@ def _report_comparison(fused, ref, metrics: dict) -> bool:
     return math.isfinite(ref.heldout_nll)
 
 
-def _finish(json_path, metrics: dict, ok: bool) -> int:
+def _finish(json_path, metrics: dict, ok: bool, what: str = "held-out NLL") -> int:
     """Writes the metrics JSON (when asked) and turns a diverged run into exit status 1."""
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
@@ -310,7 +310,7 @@ def _finish(json_path, metrics: dict, ok: bool) -> int:
             json.dump(metrics, fh, indent=2)
         print(f"metrics: {os.path.abspath(json_path)}")
     if not ok:
-        print("error: the held-out NLL is not finite (training diverged)", file=sys.stderr)
+        print(f"error: the {what} is not finite (training diverged)", file=sys.stderr)
         return 1
     return 0
 

@@ -396,24 +396,42 @@ class GlowStep(Compose):
         super().__init__(ActNorm(c), InvConv1x1(c), cp)
         self.channels, self.hidden, self.coupling_kind = c, hidden, coupling
 
-    def forward(self, x):
+    def norm_conv(self, x):
+        """ActNorm then the 1x1 convolution: the fused op outside the reference backend, else the two
+        layers in turn. ``(y, logabsdet)``."""
+        an, ic = self.transforms[0], self.transforms[1]
         if not _fused(x):
-            return super().forward(x)
-        an, ic, cp = self.transforms
+            y, ld1 = an(x)
+            y, ld2 = ic(y)
+            return y, ld1 + ld2
         _check_input("GlowStep", "x", x, self.channels)
         if an.training and not an.is_initialized():
             an.initialize(x)
-        h, ld = ops.actnorm_invconv(x, an.log_scale, an.bias, ic.forward_weight(), ic.log_s.sum(), inverse=False)
-        z, ld_c = cp(h)
+        return ops.actnorm_invconv(x, an.log_scale, an.bias, ic.forward_weight(), ic.log_s.sum(), inverse=False)
+
+    def norm_conv_inverse(self, h):
+        """Inverse of :meth:`norm_conv`: ``(x, logabsdet)``."""
+        an, ic = self.transforms[0], self.transforms[1]
+        if not _fused(h):
+            x, ld1 = ic.inverse(h)
+            x, ld2 = an.inverse(x)
+            return x, ld1 + ld2
+        _check_input("GlowStep", "z", h, self.channels)
+        return ops.actnorm_invconv(h, an.log_scale, an.bias, ic.inverse_weight(), ic.log_s.sum(), inverse=True)
+
+    def forward(self, x):
+        if not _fused(x):
+            return super().forward(x)
+        h, ld = self.norm_conv(x)
+        z, ld_c = self.transforms[2](h)
         return z, ld + ld_c
 
     def inverse(self, z):
         if not _fused(z):
             return super().inverse(z)
-        an, ic, cp = self.transforms
         _check_input("GlowStep", "z", z, self.channels)
-        h, ld_c = cp.inverse(z)
-        x, ld = ops.actnorm_invconv(h, an.log_scale, an.bias, ic.inverse_weight(), ic.log_s.sum(), inverse=True)
+        h, ld_c = self.transforms[2].inverse(z)
+        x, ld = self.norm_conv_inverse(h)
         return x, ld_c + ld
 
     @property

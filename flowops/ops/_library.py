@@ -147,3 +147,44 @@ def register() -> bool:
 
 
 HAS_CPP_OPS = register()
+
+
+def defined(name: str) -> bool:
+    """True when ``torch.ops.flowops.<name>`` exists (defined by the extension or by Python)."""
+    try:
+        getattr(torch.ops.flowops, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def register_fused(prefix: str, schemas: dict, libs: list, *, cpu_fwd, cpu_bwd, cuda_fwd, cuda_bwd, fake_fwd,
+                   fake_bwd, backward, setup_context, fused_fake=None) -> bool:
+    """Wire up one fused op family the way every op after the first is registered.
+
+    ``<prefix>_fwd`` / ``<prefix>_bwd`` (and, with the extension, the C++ autograd op ``<prefix>``): the
+    schemas in ``schemas`` are defined here with the plain-torch CPU kernels when the extension does not
+    provide them; CUDA kernels, fake kernels for torch.compile (``fused_fake`` for ``<prefix>``, default
+    ``fake_fwd``) and the Python autograd formula of ``<prefix>_fwd`` are registered either way. The
+    Library objects are appended to ``libs`` (kept alive by the caller). Returns True when C++ backs the op.
+    """
+    fwd, bwd = f"{prefix}_fwd", f"{prefix}_bwd"
+    cpp = _backend.has_cpp() and defined(fwd) and defined(prefix)
+    if not cpp:
+        lib = torch.library.Library("flowops", "FRAGMENT")
+        libs.append(lib)
+        for name, schema in schemas.items():
+            if not defined(name):
+                lib.define(name + schema)
+        lib.impl(fwd, cpu_fwd, "CPU")
+        lib.impl(bwd, cpu_bwd, "CPU")
+    impl = torch.library.Library("flowops", "IMPL")
+    libs.append(impl)
+    impl.impl(fwd, cuda_fwd, "CUDA")
+    impl.impl(bwd, cuda_bwd, "CUDA")
+    torch.library.register_fake(f"flowops::{fwd}", fake_fwd, lib=impl)
+    torch.library.register_fake(f"flowops::{bwd}", fake_bwd, lib=impl)
+    if cpp:
+        torch.library.register_fake(f"flowops::{prefix}", fused_fake or fake_fwd, lib=impl)
+    torch.library.register_autograd(f"flowops::{fwd}", backward, setup_context=setup_context, lib=impl)
+    return cpp

@@ -24,7 +24,7 @@ import torch
 
 from .. import _backend
 from ..reference import actnorm_invconv as _ref
-from . import _library  # noqa: F401  (defines the flowops namespace first)
+from . import _library  # defines the flowops namespace first; shared registration
 
 SCHEMAS = {
     "actnorm_invconv_fwd": "(Tensor x, Tensor log_scale, Tensor bias, Tensor weight, Tensor w_logdet, bool inverse) "
@@ -116,39 +116,15 @@ def _backward(ctx, grad_y, grad_logdet):
     return (*grads, None)
 
 
-def _defined(name: str) -> bool:
-    try:
-        getattr(torch.ops.flowops, name)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def register() -> bool:
     """Define (if the extension did not) and wire up the operators; True when C++ backs them."""
-    cpp = _backend.has_cpp() and _defined("actnorm_invconv_fwd") and _defined("actnorm_invconv")
-    if not cpp:
-        lib = torch.library.Library("flowops", "FRAGMENT")
-        _libs.append(lib)
-        for name, schema in SCHEMAS.items():
-            lib.define(name + schema)
-        lib.impl("actnorm_invconv_fwd", _ref_fwd, "CPU")
-        lib.impl("actnorm_invconv_bwd", _ref_bwd, "CPU")
-    impl = torch.library.Library("flowops", "IMPL")
-    _libs.append(impl)
-    impl.impl("actnorm_invconv_fwd", _cuda_fwd, "CUDA")
-    impl.impl("actnorm_invconv_bwd", _cuda_bwd, "CUDA")
-    torch.library.register_fake("flowops::actnorm_invconv_fwd", _fake_fwd, lib=impl)
-    torch.library.register_fake("flowops::actnorm_invconv_bwd", _fake_bwd, lib=impl)
-    if cpp:
-        torch.library.register_fake("flowops::actnorm_invconv", _fake_fwd, lib=impl)
-    torch.library.register_autograd("flowops::actnorm_invconv_fwd", _backward, setup_context=_setup_context,
-                                    lib=impl)
-    return cpp
+    return _library.register_fused("actnorm_invconv", SCHEMAS, _libs, cpu_fwd=_ref_fwd, cpu_bwd=_ref_bwd,
+                                   cuda_fwd=_cuda_fwd, cuda_bwd=_cuda_bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd,
+                                   backward=_backward, setup_context=_setup_context)
 
 
 HAS_CPP_OPS = register()
-HAS_CPP_LU = _backend.has_cpp() and _defined("lu_weight")
+HAS_CPP_LU = _backend.has_cpp() and _library.defined("lu_weight")
 if HAS_CPP_LU:
     torch.library.register_fake("flowops::lu_weight", lambda perm, lower, *rest: lower.new_empty(lower.shape),
                                 lib=_libs[-1])

@@ -29,7 +29,7 @@ import torch
 
 from .. import _backend
 from ..reference import cnf as _ref
-from . import _library  # noqa: F401  (defines the flowops namespace first)
+from . import _library  # defines the flowops namespace first; shared registration
 
 ACTIVATIONS = ("tanh", "softplus", "silu")
 SCHEMAS = {
@@ -257,35 +257,12 @@ def _backward(ctx, grad_f, grad_trace, grad_acts):
     return gz, gt, list(gws), list(gbs), None, None
 
 
-def _defined(name: str) -> bool:
-    try:
-        getattr(torch.ops.flowops, name)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def register() -> bool:
     """Define (if the extension did not) and wire up the mlp_trace operators; True when C++ backs them."""
-    cpp = _backend.has_cpp() and _defined("mlp_trace_fwd") and _defined("mlp_trace")
-    if not cpp:
-        lib = torch.library.Library("flowops", "FRAGMENT")
-        _libs.append(lib)
-        for name, schema in SCHEMAS.items():
-            if not _defined(name):
-                lib.define(name + schema)
-        lib.impl("mlp_trace_fwd", _cpu_fwd, "CPU")
-        lib.impl("mlp_trace_bwd", _cpu_bwd, "CPU")
-    impl = torch.library.Library("flowops", "IMPL")
-    _libs.append(impl)
-    impl.impl("mlp_trace_fwd", _cuda_fwd, "CUDA")
-    impl.impl("mlp_trace_bwd", _cuda_bwd, "CUDA")
-    torch.library.register_fake("flowops::mlp_trace_fwd", _fake_fwd, lib=impl)
-    torch.library.register_fake("flowops::mlp_trace_bwd", _fake_bwd, lib=impl)
-    if cpp:
-        torch.library.register_fake("flowops::mlp_trace", lambda *a: _fake_fwd(*a)[:2], lib=impl)
-    torch.library.register_autograd("flowops::mlp_trace_fwd", _backward, setup_context=_setup_context, lib=impl)
-    return cpp
+    return _library.register_fused("mlp_trace", SCHEMAS, _libs, cpu_fwd=_cpu_fwd, cpu_bwd=_cpu_bwd,
+                                   cuda_fwd=_cuda_fwd, cuda_bwd=_cuda_bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd,
+                                   backward=_backward, setup_context=_setup_context,
+                                   fused_fake=lambda *a: _fake_fwd(*a)[:2])
 
 
 HAS_CPP_OPS = register()

@@ -17,7 +17,7 @@ import torch
 
 from .. import _backend
 from .. import reference
-from . import _library  # noqa: F401  (defines the flowops namespace first)
+from . import _library  # defines the flowops namespace first; shared registration
 
 SCHEMAS = {
     "planar_stack_fwd": "(Tensor z, Tensor w, Tensor u_hat, Tensor b) -> (Tensor, Tensor)",
@@ -106,34 +106,11 @@ def _backward(ctx, grad_z, grad_logdet):
     return torch.ops.flowops.planar_stack_bwd(grad_z, grad_logdet, z, w, u, b)
 
 
-def _defined(name: str) -> bool:
-    try:
-        getattr(torch.ops.flowops, name)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def register() -> bool:
     """Define (if the extension did not) and wire up the planar operators; True when C++ backs them."""
-    cpp = _backend.has_cpp() and _defined("planar_stack_fwd") and _defined("planar_stack")
-    if not cpp:
-        lib = torch.library.Library("flowops", "FRAGMENT")
-        _libs.append(lib)
-        for name, schema in SCHEMAS.items():
-            lib.define(name + schema)
-        lib.impl("planar_stack_fwd", _ref_fwd, "CPU")
-        lib.impl("planar_stack_bwd", _ref_bwd, "CPU")
-    impl = torch.library.Library("flowops", "IMPL")
-    _libs.append(impl)
-    impl.impl("planar_stack_fwd", _cuda_fwd, "CUDA")
-    impl.impl("planar_stack_bwd", _cuda_bwd, "CUDA")
-    torch.library.register_fake("flowops::planar_stack_fwd", _fake_fwd, lib=impl)
-    torch.library.register_fake("flowops::planar_stack_bwd", _fake_bwd, lib=impl)
-    if cpp:
-        torch.library.register_fake("flowops::planar_stack", _fake_fwd, lib=impl)
-    torch.library.register_autograd("flowops::planar_stack_fwd", _backward, setup_context=_setup_context, lib=impl)
-    return cpp
+    return _library.register_fused("planar_stack", SCHEMAS, _libs, cpu_fwd=_ref_fwd, cpu_bwd=_ref_bwd,
+                                   cuda_fwd=_cuda_fwd, cuda_bwd=_cuda_bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd,
+                                   backward=_backward, setup_context=_setup_context)
 
 
 HAS_CPP_OPS = register()
