@@ -11,7 +11,9 @@
 // gradient (G W) and one for the weight gradient (G^T X), and one vectorized pass that recomputes
 // X from the saved pre-activations and turns the input gradient into the pre-activation gradient:
 //   G_a = gX_a sigma'(a) + sigma''(a) sum_k gX_k a_dot_k,   G_k = gX_k sigma'(a).
-// Only the stacked hidden pre-activations are saved (one flat buffer, also the op's third output).
+// Only the stacked hidden pre-activations are saved (one flat buffer, also the op's third output; its
+// layout is private to this fwd/bwd pair): for tanh the primal rows hold tanh(a) instead, and the exact
+// trace's first-layer tangent rows (W's columns, the same for every sample) are not stored.
 //
 // The Python side (flowops/ops/mlp_trace.py) adds the fake kernels, the Python autograd formula used
 // under torch.compile, and the CUDA implementation (torch GEMMs + Triton elementwise kernels).
@@ -19,11 +21,14 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 namespace flowops {
@@ -72,13 +77,37 @@ void check(const at::Tensor& z, const at::Tensor& t, at::TensorList weights, at:
   }
 }
 
+// tanh without Sleef's tanh (several times slower than its exp on AVX-512): for |a| < 0.625 the odd
+// minimax polynomial of Cephes' tanhf, above it 1 - 2 / (exp(2|a|) + 1) with the sign restored; about
+// 2 ulp in float32. float64 keeps the library tanh.
+template <typename T>
+inline Vectorized<T> fast_tanh(const Vectorized<T>& a) {
+  if constexpr (std::is_same_v<T, float>) {
+    using Vec = Vectorized<float>;
+    const Vec one(1.f), two(2.f);
+    const Vec x = a.abs();
+    const Vec z = a * a;
+    Vec p = at::vec::fmadd(Vec(-5.70498872745e-3f), z, Vec(2.06390887954e-2f));
+    p = at::vec::fmadd(p, z, Vec(-5.37397155531e-2f));
+    p = at::vec::fmadd(p, z, Vec(1.33314422036e-1f));
+    p = at::vec::fmadd(p, z, Vec(-3.33332819422e-1f));
+    const Vec small = at::vec::fmadd(p * z, a, a);
+    const Vec e = at::vec::minimum(x * two, Vec(88.f)).exp();
+    Vec big = one - two / (e + one);
+    big = Vec::blendv(big, big.neg(), a < Vec(0.f));
+    return Vec::blendv(big, small, x < Vec(0.625f));
+  } else {
+    return a.tanh();
+  }
+}
+
 // sigma(a), sigma'(a), sigma''(a), vectorized.
 template <typename T>
 inline void derivs(const Vectorized<T>& a, Act act, Vectorized<T>& h, Vectorized<T>& s1, Vectorized<T>& s2) {
   using Vec = Vectorized<T>;
   const Vec one(T(1));
   if (act == Act::TANH) {
-    h = a.tanh();
+    h = fast_tanh(a);
     s1 = one - h * h;
     s2 = Vec(T(-2)) * h * s1;
     return;
@@ -99,9 +128,12 @@ inline void derivs(const Vectorized<T>& a, Act act, Vectorized<T>& h, Vectorized
 }
 
 // X[:B] = sigma(a), X[(k+1)B:] = sigma'(a) * a_dot_k, for P = [a; a_dot_0; ...; a_dot_{M-1}], rows of H.
-// With `bias`, the primal rows of P get it added first (and written back: P is what backward reads).
+// With `bcast` (the exact trace's first layer) the tangent rows are not stored: a_dot_k is row k of
+// bcast [M, H] for every sample (the basis probe e_k times W), and P holds the primal rows only.
+// With `bias`, the primal rows of P get it added first. P's primal rows are then rewritten with what the
+// backward reads: tanh(a) for tanh (its derivatives are polynomials of it), the biased a otherwise.
 template <typename T>
-void act_fwd(T* P, T* X, int64_t B, int64_t M, int64_t H, Act act, const T* bias) {
+void act_fwd(T* P, T* X, int64_t B, int64_t M, int64_t H, Act act, const T* bias, const T* bcast = nullptr) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
   const int64_t N = B * H;
@@ -114,21 +146,27 @@ void act_fwd(T* P, T* X, int64_t B, int64_t M, int64_t H, Act act, const T* bias
         const int64_t o = row + j;
         Vec h, s1, s2;
         Vec a = Vec::loadu(P + o, n);
-        if (bias != nullptr) {
-          a = a + Vec::loadu(bias + j, n);
+        if (bias != nullptr) a = a + Vec::loadu(bias + j, n);
+        derivs(a, act, h, s1, s2);
+        if (act == Act::TANH) {
+          h.store(P + o, n);  // tanh's derivatives follow from tanh(a) itself: no tanh in the backward
+        } else if (bias != nullptr) {
           a.store(P + o, n);
         }
-        derivs(a, act, h, s1, s2);
         h.store(X + o, n);
-        for (int64_t k = 1; k <= M; ++k) (s1 * Vec::loadu(P + k * N + o, n)).store(X + k * N + o, n);
+        for (int64_t k = 1; k <= M; ++k) {
+          const Vec ad = bcast != nullptr ? Vec::loadu(bcast + (k - 1) * H + j, n) : Vec::loadu(P + k * N + o, n);
+          (s1 * ad).store(X + k * N + o, n);
+        }
       }
     }
   });
 }
 
 // In place on gX (becomes G, the pre-activation gradient); X receives the recomputed activations.
+// P's primal rows hold what act_fwd left there (tanh(a) for tanh, else a).
 template <typename T>
-void act_bwd(T* gX, const T* P, T* X, int64_t B, int64_t M, int64_t H, Act act) {
+void act_bwd(T* gX, const T* P, T* X, int64_t B, int64_t M, int64_t H, Act act, const T* bcast = nullptr) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
   const int64_t N = B * H;
@@ -140,12 +178,18 @@ void act_bwd(T* gX, const T* P, T* X, int64_t B, int64_t M, int64_t H, Act act) 
         const int64_t n = std::min<int64_t>(V, H - j);
         const int64_t o = row + j;
         Vec h, s1, s2;
-        derivs(Vec::loadu(P + o, n), act, h, s1, s2);
+        if (act == Act::TANH) {
+          h = Vec::loadu(P + o, n);
+          s1 = Vec(T(1)) - h * h;
+          s2 = Vec(T(-2)) * h * s1;
+        } else {
+          derivs(Vec::loadu(P + o, n), act, h, s1, s2);
+        }
         h.store(X + o, n);
         Vec cross(T(0));
         for (int64_t k = 1; k <= M; ++k) {
           const int64_t ok = k * N + o;
-          const Vec ad = Vec::loadu(P + ok, n);
+          const Vec ad = bcast != nullptr ? Vec::loadu(bcast + (k - 1) * H + j, n) : Vec::loadu(P + ok, n);
           const Vec gh = Vec::loadu(gX + ok, n);
           (s1 * ad).store(X + ok, n);
           (s1 * gh).store(gX + ok, n);
@@ -157,9 +201,13 @@ void act_bwd(T* gX, const T* P, T* X, int64_t B, int64_t M, int64_t H, Act act) 
   });
 }
 
-int64_t acts_numel(int64_t B, int64_t m, at::TensorList weights) {
+// Rows stored per sample for hidden layer l: the primal and the m tangents, except the exact trace's
+// first layer, whose tangent pre-activations are the columns of W (the same for every sample).
+int64_t stored_rows(int64_t l, int64_t m, bool exact) { return l == 0 && exact ? 1 : 1 + m; }
+
+int64_t acts_numel(int64_t B, int64_t m, bool exact, at::TensorList weights) {
   int64_t n = 0;
-  for (size_t l = 0; l + 1 < weights.size(); ++l) n += (1 + m) * B * weights[l].size(0);
+  for (size_t l = 0; l + 1 < weights.size(); ++l) n += stored_rows(l, m, exact) * B * weights[l].size(0);
   return n;
 }
 
@@ -167,6 +215,14 @@ int64_t acts_numel(int64_t B, int64_t m, at::TensorList weights) {
 // the working buffers are chunk-sized and stay in cache; only the saved pre-activations span the batch.
 // The saved buffer is chunk-major: layer l's block of chunk c ([(1 + m) C_c, H_l], primal rows first)
 // starts at base_l + (1 + m) * b0 * H_l, where b0 is the chunk's first sample.
+//
+// Narrow fields (widest hidden layer <= kChunkParallelMaxWidth) run the chunks in parallel, one thread
+// per run of chunks with single-threaded GEMMs: their GEMMs are too small to split well across threads.
+// Each chunk then writes its parameter gradients into a slot of its own and the slots are summed in
+// chunk order, so the result does not depend on the number of threads. Wide fields run the chunks one
+// after another with multithreaded GEMMs accumulating straight into the gradients.
+constexpr int64_t kChunkParallelMaxWidth = 256;
+
 int64_t chunk_rows(int64_t B, int64_t m, int64_t hmax, int64_t elem) {
   const int64_t target = (128 * 1024) / std::max<int64_t>(1, elem * (1 + m) * std::max<int64_t>(hmax, 1));
   int64_t c = std::max<int64_t>(target, (256 + m) / (1 + m));
@@ -174,25 +230,60 @@ int64_t chunk_rows(int64_t B, int64_t m, int64_t hmax, int64_t elem) {
   return std::min(std::max<int64_t>(c, 1), std::max<int64_t>(B, 1));
 }
 
-struct Layout {
-  int64_t B, d, m, L, C;
+struct Plan {
+  int64_t B, d, m, L, C, hmax, chunks;
+  bool exact, parallel;
+  Act act;
   std::vector<int64_t> base;  // offset of each hidden layer's region in the saved buffer
 };
 
-Layout make_layout(int64_t B, int64_t d, int64_t m, at::TensorList weights, int64_t elem) {
-  Layout lay{B, d, m, static_cast<int64_t>(weights.size()), 0, {}};
-  int64_t off = 0, hmax = 1;
-  for (int64_t l = 0; l + 1 < lay.L; ++l) {
-    lay.base.push_back(off);
-    off += (1 + m) * B * weights[l].size(0);
-    hmax = std::max(hmax, weights[l].size(0));
+Plan make_plan(const at::Tensor& z, int64_t m, bool exact, at::TensorList weights, Act act) {
+  Plan p{z.size(0), z.size(1), m, static_cast<int64_t>(weights.size()), 0, 1, 0, exact, false, act, {}};
+  int64_t off = 0;
+  for (int64_t l = 0; l + 1 < p.L; ++l) {
+    p.base.push_back(off);
+    off += stored_rows(l, m, exact) * p.B * weights[l].size(0);
+    p.hmax = std::max(p.hmax, weights[l].size(0));
   }
-  lay.C = chunk_rows(B, m, hmax, elem);
-  return lay;
+  p.C = chunk_rows(p.B, m, p.hmax, z.element_size());
+  p.chunks = p.B == 0 ? 0 : (p.B + p.C - 1) / p.C;
+  p.parallel = p.hmax <= kChunkParallelMaxWidth && p.chunks > 1;
+  return p;
 }
 
+// Runs fn(c) for every chunk c: in parallel (contiguous runs of chunks per thread, fn's GEMMs then
+// single-threaded) or in order.
+template <typename F>
+void for_chunks(const Plan& p, const F& fn) {
+  if (p.parallel) {
+    const at::ThreadLocalState state;  // the caller's dispatch state (below autograd) for the workers too
+    at::parallel_for(0, p.chunks, 1, [&](int64_t c0, int64_t c1) {
+      at::ThreadLocalStateGuard guard(state);
+      for (int64_t c = c0; c < c1; ++c) fn(c);
+    });
+  } else {
+    for (int64_t c = 0; c < p.chunks; ++c) fn(c);
+  }
+}
+
+// Per-thread scratch: one buffer per worker of for_chunks, allocated on first use.
+struct Scratch {
+  std::vector<at::Tensor> bufs;
+  int64_t count, numel;
+  at::TensorOptions opts;
+  Scratch(int64_t count_, int64_t numel_, at::TensorOptions o) : count(count_), numel(numel_), opts(o) {
+    bufs.resize(static_cast<size_t>(std::max(1, at::get_num_threads())) * count);
+  }
+  at::Tensor get(int64_t i) {
+    const size_t slot = static_cast<size_t>(at::in_parallel_region() ? at::get_thread_num() : 0) * count + i;
+    if (slot >= bufs.size()) return at::empty({numel}, opts);
+    if (!bufs[slot].defined()) bufs[slot] = at::empty({numel}, opts);
+    return bufs[slot];
+  }
+};
+
 // The first layer's stacked pre-activations of the chunk [b0, b0 + n): primal rows z W^T + t w_t + b
-// (the bias is added here) and the tangent rows eps W^T (exact: the basis, W[:, i] in every row).
+// (the bias is added here) and the tangent rows eps W^T (exact: none; act_fwd broadcasts W's columns).
 void first_layer(at::Tensor& P, const at::Tensor& z, const at::Tensor& t, const at::Tensor& w, const at::Tensor& b,
                  const at::Tensor& eps, bool exact, int64_t b0, int64_t n, int64_t d, int64_t m) {
   const int64_t H = w.size(0);
@@ -200,24 +291,15 @@ void first_layer(at::Tensor& P, const at::Tensor& z, const at::Tensor& t, const 
   auto Pp = P.narrow(0, 0, n);
   at::addmm_out(Pp, b, z.narrow(0, b0, n), wz.t());
   Pp.addr_(t.narrow(0, b0, n), w.select(1, d));
-  auto Pt = P.narrow(0, n, m * n);
-  if (exact) {
-    Pt.view({d, n, H}).copy_(wz.t().unsqueeze(1));
-  } else {
+  if (!exact) {
+    auto Pt = P.narrow(0, n, m * n);
     at::mm_out(Pt, eps.narrow(1, b0, n).reshape({m * n, d}), wz.t());
   }
 }
 
-// acc += A^T B for row-stacked A [K, M], B [K, N]. MKL's transposed-A GEMM is several times slower than
-// the plain one when the output is small and K long (hidden 64: a 64 x 64 weight gradient summed over
-// hundreds of stacked rows), so A^T is materialized first there (a copy of A, cheap next to the GEMM).
-void accumulate_tn(at::Tensor acc, const at::Tensor& A, const at::Tensor& B) {
-  if (A.size(1) * B.size(1) < 16 * A.size(0)) {
-    acc.addmm_(A.t().contiguous(), B);
-  } else {
-    acc.addmm_(A.t(), B);
-  }
-}
+// acc += A^T B for row-stacked A [K, M], B [K, N] (MKL takes the transposed operand directly; a
+// materialized A^T costs more than it saves).
+void accumulate_tn(at::Tensor acc, const at::Tensor& A, const at::Tensor& B) { acc.addmm_(A.t(), B); }
 
 }  // namespace
 
@@ -233,26 +315,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_fwd_cpu(const at::Tenso
   const int64_t B = z.size(0), d = z.size(1);
   const int64_t m = exact ? d : eps_opt->size(0);
   const int64_t L = static_cast<int64_t>(weights.size());
-  auto acts = at::empty({acts_numel(B, m, weights)}, z.options());
+  auto acts = at::empty({acts_numel(B, m, exact, weights)}, z.options());
   auto f = at::empty({B, d}, z.options());
   auto tr = at::empty({B}, z.options());
   if (B == 0) return {f, tr, acts};
   at::Tensor eps = exact ? at::Tensor() : eps_opt->contiguous();
-  const Layout lay = make_layout(B, d, m, weights, z.element_size());
-  int64_t hmax = 1;
-  for (int64_t l = 0; l + 1 < L; ++l) hmax = std::max(hmax, weights[l].size(0));
-  at::Tensor scratch = at::empty({(1 + m) * lay.C * hmax}, z.options());
-  at::Tensor Fbuf = at::empty({(1 + m) * lay.C * d}, z.options());
+  const Plan plan = make_plan(z, m, exact, weights, act);
+  const int64_t C = plan.C;
   std::vector<at::Tensor> bc(L);
   for (int64_t l = 0; l < L; ++l) bc[l] = biases[l].contiguous();
-  for (int64_t b0 = 0; b0 < B; b0 += lay.C) {
-    const int64_t n = std::min(lay.C, B - b0);
+  Scratch xs(1, (1 + m) * C * plan.hmax, z.options()), fs(1, (1 + m) * C * d, z.options());
+  // exact: row k is the first layer's tangent for the basis probe e_k
+  const at::Tensor wzt = exact ? weights[0].narrow(1, 0, d).t().contiguous() : at::Tensor();
+  for_chunks(plan, [&](int64_t c) {
+    const int64_t b0 = c * C, n = std::min(C, B - b0);
+    at::Tensor scratch = xs.get(0), Fbuf = fs.get(0);
     at::Tensor X;
     for (int64_t l = 0; l < L; ++l) {
       const at::Tensor& w = weights[l];
       const int64_t H = w.size(0);
       const bool hidden = l + 1 < L;
-      at::Tensor P = hidden ? acts.narrow(0, lay.base[l] + (1 + m) * b0 * H, (1 + m) * n * H).view({(1 + m) * n, H})
+      const int64_t rows = hidden ? stored_rows(l, m, exact) : 1 + m;
+      at::Tensor P = hidden ? acts.narrow(0, plan.base[l] + rows * b0 * H, rows * n * H).view({rows * n, H})
                             : Fbuf.narrow(0, 0, (1 + m) * n * d).view({(1 + m) * n, d});
       if (l == 0) {
         first_layer(P, z, t, w, bc[0], eps, exact, b0, n, d, m);
@@ -263,7 +347,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_fwd_cpu(const at::Tenso
         X = scratch.narrow(0, 0, (1 + m) * n * H).view({(1 + m) * n, H});
         AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_trace_act_fwd", [&] {
           act_fwd<scalar_t>(P.mutable_data_ptr<scalar_t>(), X.mutable_data_ptr<scalar_t>(), n, m, H, act,
-                            l == 0 ? nullptr : bc[l].const_data_ptr<scalar_t>());
+                            l == 0 ? nullptr : bc[l].const_data_ptr<scalar_t>(),
+                            l == 0 && exact ? wzt.const_data_ptr<scalar_t>() : nullptr);
         });
       } else {
         auto fc = f.narrow(0, b0, n);
@@ -278,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_fwd_cpu(const at::Tenso
         }
       }
     }
-  }
+  });
   return {f, tr, acts};
 }
 
@@ -294,8 +379,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   const int64_t B = z.size(0), d = z.size(1);
   const int64_t m = exact ? d : eps_opt->size(0);
   const int64_t L = static_cast<int64_t>(weights.size());
-  TORCH_CHECK_VALUE(acts.numel() == acts_numel(B, m, weights), "flowops.mlp_trace_bwd: acts has ", acts.numel(),
-                    " elements, expected ", acts_numel(B, m, weights));
+  TORCH_CHECK_VALUE(acts.numel() == acts_numel(B, m, exact, weights), "flowops.mlp_trace_bwd: acts has ",
+                    acts.numel(), " elements, expected ", acts_numel(B, m, exact, weights));
   TORCH_CHECK_VALUE(grad_f.numel() == B * d && grad_trace.numel() == B,
                     "flowops.mlp_trace_bwd: gradients must be [B, d] and [B]");
   std::vector<at::Tensor> gws(L), gbs(L);
@@ -310,21 +395,53 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   auto gf = grad_f.to(z.scalar_type()).reshape({B, d}).contiguous();
   auto gtr = grad_trace.to(z.scalar_type()).reshape({B}).contiguous();
   auto actc = acts.contiguous();
-  const Layout lay = make_layout(B, d, m, weights, z.element_size());
-  int64_t hmax = 1;
-  for (int64_t l = 0; l + 1 < L; ++l) hmax = std::max(hmax, weights[l].size(0));
-  const int64_t cap = (1 + m) * lay.C * std::max(hmax, d);
-  at::Tensor buf_a = at::empty({cap}, z.options()), buf_b = at::empty({cap}, z.options());
-  at::Tensor xbuf = at::empty({(1 + m) * lay.C * hmax}, z.options());
+  const Plan plan = make_plan(z, m, exact, weights, act);
+  const int64_t C = plan.C;
+  // Parallel chunks: one flat slot of all parameter gradients per chunk, summed in chunk order below.
+  std::vector<int64_t> goff;
+  int64_t gtotal = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    goff.push_back(gtotal);
+    gtotal += weights[l].numel() + biases[l].numel();
+  }
+  // Each chunk's slot is written (not accumulated) once per gradient, so it needs no zero fill.
+  at::Tensor slots = plan.parallel ? at::empty({plan.chunks, gtotal}, z.options()) : at::Tensor();
+  const bool fresh = plan.parallel;
+  auto tn = [fresh](at::Tensor out, const at::Tensor& A, const at::Tensor& Bm) {  // out (+)= A^T B
+    if (fresh) {
+      at::mm_out(out, A.t(), Bm);
+    } else {
+      accumulate_tn(out, A, Bm);
+    }
+  };
+  auto colsum = [fresh](at::Tensor out, const at::Tensor& A) {  // out (+)= A.sum(0)
+    if (fresh) {
+      at::sum_out(out, A, {0});
+    } else {
+      out.add_(A.sum(0));
+    }
+  };
+  const int64_t cap = (1 + m) * C * std::max(plan.hmax, d);
+  Scratch bufs(3, cap, z.options());
   const double scale = exact ? 1.0 : 1.0 / static_cast<double>(m);
   const at::Tensor& w0 = weights[0];
   auto wz = w0.narrow(1, 0, d);
-  auto gw0z = gws[0].narrow(1, 0, d);
-  auto gw0t = gws[0].select(1, d);
-  for (int64_t b0 = 0; b0 < B; b0 += lay.C) {
-    const int64_t n = std::min(lay.C, B - b0);
+  const at::Tensor wzt = exact ? wz.t().contiguous() : at::Tensor();
+  for_chunks(plan, [&](int64_t c) {
+    const int64_t b0 = c * C, n = std::min(C, B - b0);
+    std::vector<at::Tensor> cw(L), cb(L);  // where this chunk's parameter gradients go
+    for (int64_t l = 0; l < L; ++l) {
+      if (plan.parallel) {
+        auto row = slots.select(0, c);
+        cw[l] = row.narrow(0, goff[l], weights[l].numel()).view(weights[l].sizes());
+        cb[l] = row.narrow(0, goff[l] + weights[l].numel(), biases[l].numel());
+      } else {
+        cw[l] = gws[l];
+        cb[l] = gbs[l];
+      }
+    }
+    at::Tensor buf_a = bufs.get(0), spare = bufs.get(1), xbuf = bufs.get(2);
     at::Tensor G = buf_a.narrow(0, 0, (1 + m) * n * d).view({(1 + m) * n, d});
-    at::Tensor spare = buf_b;
     G.narrow(0, 0, n).copy_(gf.narrow(0, b0, n));
     auto Gd = G.narrow(0, n, m * n).view({m, n, d});
     auto gtc = gtr.narrow(0, b0, n);
@@ -337,34 +454,49 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     for (int64_t l = L - 1; l >= 1; --l) {
       const at::Tensor& w = weights[l];
       const int64_t Hp = weights[l - 1].size(0);
-      auto P = actc.narrow(0, lay.base[l - 1] + (1 + m) * b0 * Hp, (1 + m) * n * Hp).view({(1 + m) * n, Hp});
+      const int64_t rows = stored_rows(l - 1, m, exact);
+      auto P = actc.narrow(0, plan.base[l - 1] + rows * b0 * Hp, rows * n * Hp).view({rows * n, Hp});
       at::Tensor gX = spare.narrow(0, 0, (1 + m) * n * Hp).view({(1 + m) * n, Hp});
       at::mm_out(gX, G, w);
       at::Tensor X = xbuf.narrow(0, 0, (1 + m) * n * Hp).view({(1 + m) * n, Hp});
       AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_trace_act_bwd", [&] {
         act_bwd<scalar_t>(gX.mutable_data_ptr<scalar_t>(), P.const_data_ptr<scalar_t>(), X.mutable_data_ptr<scalar_t>(),
-                          n, m, Hp, act);
+                          n, m, Hp, act, l == 1 && exact ? wzt.const_data_ptr<scalar_t>() : nullptr);
       });
-      accumulate_tn(gws[l], G, X);
-      gbs[l].add_(G.narrow(0, 0, n).sum(0));
-      spare = G.data_ptr() == buf_a.data_ptr() ? buf_a : buf_b;
+      tn(cw[l], G, X);
+      colsum(cb[l], G.narrow(0, 0, n));
+      std::swap(buf_a, spare);  // G's buffer becomes the spare; gX (in `spare` until now) is the new G
       G = gX;
     }
     auto ga = G.narrow(0, 0, n);
     auto gAd = G.narrow(0, n, m * n);
     auto zc = z.narrow(0, b0, n);
-    accumulate_tn(gw0z, ga, zc);
+    auto gw0z = cw[0].narrow(1, 0, d);
+    tn(gw0z, ga, zc);
     if (exact) {
       gw0z.add_(gAd.view({d, n, -1}).sum(1).t());
     } else {
       accumulate_tn(gw0z, gAd, eps.narrow(1, b0, n).reshape({m * n, d}));
     }
-    gw0t.addmv_(ga.t(), t.narrow(0, b0, n));
-    gbs[0].add_(ga.sum(0));
+    auto gw0t = cw[0].select(1, d);
+    if (fresh) {
+      at::mv_out(gw0t, ga.t(), t.narrow(0, b0, n));
+    } else {
+      gw0t.addmv_(ga.t(), t.narrow(0, b0, n));
+    }
+    colsum(cb[0], ga);
     auto gzc = gz.narrow(0, b0, n);
     auto gtc2 = gt.narrow(0, b0, n);
     at::mm_out(gzc, ga, wz);
     at::mv_out(gtc2, ga, w0.select(1, d));
+  });
+  if (plan.parallel) {
+    auto total = slots.select(0, 0).clone();  // summed in chunk order: independent of the thread count
+    for (int64_t c = 1; c < plan.chunks; ++c) total.add_(slots.select(0, c));
+    for (int64_t l = 0; l < L; ++l) {
+      gws[l].copy_(total.narrow(0, goff[l], weights[l].numel()).view(weights[l].sizes()));
+      gbs[l].copy_(total.narrow(0, goff[l] + weights[l].numel(), biases[l].numel()));
+    }
   }
   return {gz, gt, gws, gbs};
 }

@@ -13,7 +13,9 @@ in one elementwise pass. At the output, ``tr = scale * sum(eps * f_dot)``. The b
 (first order through both streams: ``sigma''`` appears in closed form), again one stacked GEMM per
 layer for the input gradient and one for the weight gradient; no double backward. The forward saves
 only the stacked pre-activations of the hidden layers (the op's third output, ``acts``; its size is fixed by
-the shapes, its layout belongs to the backend that wrote it: the C++ kernel stores it chunk-major).
+the shapes, its layout belongs to the backend that wrote it: the C++ kernel stores it chunk-major, with
+``tanh(a)`` in place of ``a`` in the primal rows for tanh). For the exact trace the first layer's tangent
+rows are not stored: they are the columns of its weight, the same for every sample.
 
 Registration (torch.library): ``flowops::mlp_trace_fwd`` / ``mlp_trace_bwd`` with fake kernels and a
 Python autograd formula (what torch.compile traces) and, when the C++ extension is built,
@@ -99,9 +101,14 @@ def _probes(eps, B, d):
     return d if eps is None else eps.shape[0]
 
 
+def _stored_rows(i: int, m: int, eps) -> int:
+    """Rows per sample kept for hidden layer ``i``: exact-trace first layer: the primal only."""
+    return 1 if i == 0 and eps is None else 1 + m
+
+
 def acts_numel(B: int, d: int, weights, eps) -> int:
     m = _probes(eps, B, d)
-    return sum((1 + m) * B * w.shape[0] for w in weights[:-1])
+    return sum(_stored_rows(i, m, eps) * B * w.shape[0] for i, w in enumerate(weights[:-1]))
 
 
 def fused_fwd(z, t, weights, biases, eps, activation, act_fwd=None):
@@ -116,7 +123,9 @@ def fused_fwd(z, t, weights, biases, eps, activation, act_fwd=None):
     F = None
     for i, (w, b) in enumerate(zip(weights, biases)):
         H = w.shape[0]
-        if i + 1 < L:
+        if i == 0 and eps is None and L > 1:  # the tangent rows are built here and not kept
+            P = z.new_empty(((1 + m) * B, H))
+        elif i + 1 < L:
             P = acts[off:off + (1 + m) * B * H].view((1 + m) * B, H)
             off += (1 + m) * B * H
         else:
@@ -134,6 +143,9 @@ def fused_fwd(z, t, weights, biases, eps, activation, act_fwd=None):
             P[:B] += b
         if i + 1 < L:
             X = act_fwd(P, B, activation)
+            if i == 0 and eps is None:
+                acts[:B * H].view(B, H).copy_(P[:B])
+                off += B * H
         else:
             F = P
     f = F[:B]
@@ -160,14 +172,18 @@ def fused_bwd(grad_f, grad_trace, z, t, weights, biases, eps, acts, activation, 
     else:
         G[B:].view(m, B, d).copy_(eps * (gtr * _scale(eps, d))[None, :, None])
     offs = [0]
-    for w in weights[:-1]:
-        offs.append(offs[-1] + (1 + m) * B * w.shape[0])
+    for i, w in enumerate(weights[:-1]):
+        offs.append(offs[-1] + _stored_rows(i, m, eps) * B * w.shape[0])
     gws: list = [None] * L
     gbs: list = [None] * L
     for i in range(L - 1, 0, -1):
         w = weights[i]
         Hp = weights[i - 1].shape[0]
-        P = acts[offs[i - 1]:offs[i]].view((1 + m) * B, Hp)
+        if i == 1 and eps is None:  # rebuild the first layer's tangent rows: W's columns in every row
+            P = torch.cat((acts[:B * Hp].view(B, Hp),
+                           weights[0][:, :d].t()[:, None, :].expand(d, B, Hp).reshape(d * B, Hp)))
+        else:
+            P = acts[offs[i - 1]:offs[i]].view((1 + m) * B, Hp)
         gX = torch.mm(G, w)
         X, Gn = act_bwd(gX, P, B, activation)
         gws[i] = torch.mm(G.t(), X)
