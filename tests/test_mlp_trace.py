@@ -384,3 +384,28 @@ def test_many_chunks_match_reference(probes, act):
     for a, b in zip(torch.autograd.grad([f, tr], inputs, [gf, gtr]),
                     torch.autograd.grad([f_r, tr_r], inputs, [gf, gtr])):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("probes", [None, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_results_do_not_depend_on_the_thread_count(probes, dtype):
+    """Narrow fields run the C++ kernel's row chunks in parallel; the parameter gradients are summed per
+    chunk in chunk order, so 1 and 2 threads give bitwise equal results."""
+    B, d = 901, 2
+    for hidden in ((64, 64, 64), (200, 16)):
+        z, t, ws, bs = make(B, d, hidden, dtype=dtype, seed=11)
+        eps = None if probes is None else rademacher(probes, B, d, dtype=dtype)
+        g = torch.Generator().manual_seed(2)
+        gf, gtr = torch.randn(B, d, generator=g).to(dtype), torch.randn(B, generator=g).to(dtype)
+        inputs = [z, t, *ws, *bs]
+        results = []
+        threads = torch.get_num_threads()
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                f, tr = ops.mlp_trace(z, t, ws, bs, "tanh", eps)
+                results.append([f, tr, *torch.autograd.grad([f, tr], inputs, [gf, gtr])])
+        finally:
+            torch.set_num_threads(threads)
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
