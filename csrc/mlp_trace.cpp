@@ -222,6 +222,7 @@ int64_t acts_numel(int64_t B, int64_t m, bool exact, at::TensorList weights) {
 // chunk order, so the result does not depend on the number of threads. Wide fields run the chunks one
 // after another with multithreaded GEMMs accumulating straight into the gradients.
 constexpr int64_t kChunkParallelMaxWidth = 256;
+constexpr int64_t kSmallD = 8;  // see act_fwd_small
 
 int64_t chunk_rows(int64_t B, int64_t m, int64_t hmax, int64_t elem) {
   const int64_t target = (128 * 1024) / std::max<int64_t>(1, elem * (1 + m) * std::max<int64_t>(hmax, 1));
@@ -232,13 +233,13 @@ int64_t chunk_rows(int64_t B, int64_t m, int64_t hmax, int64_t elem) {
 
 struct Plan {
   int64_t B, d, m, L, C, hmax, chunks;
-  bool exact, parallel;
+  bool exact, parallel, small;
   Act act;
   std::vector<int64_t> base;  // offset of each hidden layer's region in the saved buffer
 };
 
 Plan make_plan(const at::Tensor& z, int64_t m, bool exact, at::TensorList weights, Act act) {
-  Plan p{z.size(0), z.size(1), m, static_cast<int64_t>(weights.size()), 0, 1, 0, exact, false, act, {}};
+  Plan p{z.size(0), z.size(1), m, static_cast<int64_t>(weights.size()), 0, 1, 0, exact, false, false, act, {}};
   int64_t off = 0;
   for (int64_t l = 0; l + 1 < p.L; ++l) {
     p.base.push_back(off);
@@ -248,6 +249,7 @@ Plan make_plan(const at::Tensor& z, int64_t m, bool exact, at::TensorList weight
   p.C = chunk_rows(p.B, m, p.hmax, z.element_size());
   p.chunks = p.B == 0 ? 0 : (p.B + p.C - 1) / p.C;
   p.parallel = p.hmax <= kChunkParallelMaxWidth && p.chunks > 1;
+  p.small = p.hmax <= kChunkParallelMaxWidth && p.d <= kSmallD && p.L >= 2;
   return p;
 }
 
@@ -286,7 +288,6 @@ struct Scratch {
 // (the bias is added here) and the tangent rows eps W^T (exact: none; act_fwd broadcasts W's columns).
 void first_layer(at::Tensor& P, const at::Tensor& z, const at::Tensor& t, const at::Tensor& w, const at::Tensor& b,
                  const at::Tensor& eps, bool exact, int64_t b0, int64_t n, int64_t d, int64_t m) {
-  const int64_t H = w.size(0);
   auto wz = w.narrow(1, 0, d);
   auto Pp = P.narrow(0, 0, n);
   at::addmm_out(Pp, b, z.narrow(0, b0, n), wz.t());
@@ -294,6 +295,246 @@ void first_layer(at::Tensor& P, const at::Tensor& z, const at::Tensor& t, const 
   if (!exact) {
     auto Pt = P.narrow(0, n, m * n);
     at::mm_out(Pt, eps.narrow(1, b0, n).reshape({m * n, d}), wz.t());
+  }
+}
+
+// ---- small output dimension: the first and last layers inside the elementwise passes ---------------
+// For d <= kSmallD the first layer's products with [z, t] and the probes (K = d + 1) and the last
+// layer's product (N = d) are skinny GEMMs that cost more in call overhead than in arithmetic. These
+// passes compute them in registers instead: the first hidden layer's pass builds its pre-activations
+// from z, t and eps, and its backward pass yields dz, dt and the first layer's parameter gradients
+// without storing G; the last hidden layer's pass produces f and the trace, and its backward pass
+// starts from grad_f and grad_trace and accumulates the last layer's gradients.
+
+template <typename T>
+struct SmallD {
+  int64_t B, d, M;
+  bool exact;
+  T scale;
+  const T* z;    // [B, d]
+  const T* t;    // [B]
+  const T* eps;  // [M, B, d] or null (exact)
+  const T* w0t;  // [d + 1, H0]: row i is the first weight's column i (row d: time)
+  const T* b0;   // [H0]
+  const T* wl;   // [d, Htop]: the last weight
+  const T* bl;   // [d]
+};
+
+template <typename T>
+inline T hsum(const Vectorized<T>& v) {
+  T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T s = 0;
+  for (int64_t i = 0; i < Vectorized<T>::size(); ++i) s += buf[i];
+  return s;
+}
+
+// One hidden layer's forward pass over the chunk's n samples starting at global sample c0. FIRST: the
+// pre-activations come from z, t (and eps); P receives the stored rows (primal, plus the tangents for
+// Hutchinson). LAST: X is not written; f and tr get the outputs. Otherwise as act_fwd.
+template <typename T, bool FIRST, bool LAST>
+void act_fwd_small(T* P, T* X, int64_t n, int64_t H, Act act, const T* bias, const SmallD<T>& s, int64_t c0, T* f,
+                   T* tr) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t M = s.M, d = s.d, N = n * H;
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t gb = c0 + b;
+    Vec facc[kSmallD];
+    for (int64_t i = 0; i < d; ++i) facc[i] = Vec(T(0));
+    Vec tacc(T(0));
+    for (int64_t j = 0; j < H; j += V) {
+      const int64_t nn = std::min<int64_t>(V, H - j);
+      const int64_t o = b * H + j;
+      Vec a;
+      if constexpr (FIRST) {
+        a = Vec::loadu(s.b0 + j, nn);
+        for (int64_t i = 0; i < d; ++i) a = at::vec::fmadd(Vec(s.z[gb * d + i]), Vec::loadu(s.w0t + i * H + j, nn), a);
+        a = at::vec::fmadd(Vec(s.t[gb]), Vec::loadu(s.w0t + d * H + j, nn), a);
+      } else {
+        a = Vec::loadu(P + o, nn);
+        if (bias != nullptr) a = a + Vec::loadu(bias + j, nn);
+      }
+      Vec h, s1, s2;
+      derivs(a, act, h, s1, s2);
+      (act == Act::TANH ? h : a).store(P + o, nn);
+      if constexpr (LAST) {
+        for (int64_t i = 0; i < d; ++i) facc[i] = at::vec::fmadd(h, Vec::loadu(s.wl + i * H + j, nn), facc[i]);
+      } else {
+        h.store(X + o, nn);
+      }
+      for (int64_t k = 1; k <= M; ++k) {
+        Vec ad;
+        if (FIRST && s.exact) {
+          ad = Vec::loadu(s.w0t + (k - 1) * H + j, nn);
+        } else if (FIRST) {
+          const T* e = s.eps + ((k - 1) * s.B + gb) * d;
+          ad = Vec(T(0));
+          for (int64_t i = 0; i < d; ++i) ad = at::vec::fmadd(Vec(e[i]), Vec::loadu(s.w0t + i * H + j, nn), ad);
+          ad.store(P + k * N + o, nn);
+        } else {
+          ad = Vec::loadu(P + k * N + o, nn);
+        }
+        const Vec xt = s1 * ad;
+        if constexpr (LAST) {
+          if (s.exact) {
+            tacc = at::vec::fmadd(xt, Vec::loadu(s.wl + (k - 1) * H + j, nn), tacc);
+          } else {
+            const T* e = s.eps + ((k - 1) * s.B + gb) * d;
+            Vec u(T(0));
+            for (int64_t i = 0; i < d; ++i) u = at::vec::fmadd(Vec(e[i]), Vec::loadu(s.wl + i * H + j, nn), u);
+            tacc = at::vec::fmadd(xt, u, tacc);
+          }
+        } else {
+          xt.store(X + k * N + o, nn);
+        }
+      }
+    }
+    if constexpr (LAST) {
+      for (int64_t i = 0; i < d; ++i) f[gb * d + i] = s.bl[i] + hsum(facc[i]);
+      tr[gb] = s.scale * hsum(tacc);
+    }
+  }
+}
+
+// One hidden layer's backward pass. TOP (the last hidden layer): the input gradient gX comes from
+// grad_f / grad_trace through the last weight (computed here, gX is not read) and the last layer's weight
+// gradient is accumulated into gwl [d, H]; X is not written; G goes to G_out. BOTTOM (the first hidden
+// layer): G is not written; dz and dt go to gz / gt and the first layer's gradients are accumulated into
+// gw0 [d + 1, H] (transposed) and gb0 [H]. Otherwise as act_bwd (G in place of gX, X written).
+template <typename T, bool TOP, bool BOTTOM>
+void act_bwd_small(T* gX, const T* P, T* X, T* G_out, int64_t n, int64_t H, Act act, const SmallD<T>& s, int64_t c0,
+                   const T* gf, const T* gtr, T* gwl, T* gw0, T* gb0, T* gz, T* gt) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t M = s.M, d = s.d, N = n * H;
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t gb = c0 + b;
+    Vec zacc[kSmallD + 1];
+    if constexpr (BOTTOM) {
+      for (int64_t i = 0; i <= d; ++i) zacc[i] = Vec(T(0));
+    }
+    for (int64_t j = 0; j < H; j += V) {
+      const int64_t nn = std::min<int64_t>(V, H - j);
+      const int64_t o = b * H + j;
+      Vec h, s1, s2;
+      if (act == Act::TANH) {
+        h = Vec::loadu(P + o, nn);
+        s1 = Vec(T(1)) - h * h;
+        s2 = Vec(T(-2)) * h * s1;
+      } else {
+        derivs(Vec::loadu(P + o, nn), act, h, s1, s2);
+      }
+      Vec gp;
+      if constexpr (TOP) {
+        gp = Vec(T(0));
+        for (int64_t i = 0; i < d; ++i) {
+          const Vec w = Vec::loadu(s.wl + i * H + j, nn);
+          gp = at::vec::fmadd(Vec(gf[gb * d + i]), w, gp);
+          (at::vec::fmadd(Vec(gf[gb * d + i]), h, Vec::loadu(gwl + i * H + j, nn))).store(gwl + i * H + j, nn);
+        }
+      } else {
+        gp = Vec::loadu(gX + o, nn);
+        h.store(X + o, nn);
+      }
+      Vec cross(T(0));
+      for (int64_t k = 1; k <= M; ++k) {
+        const int64_t ok = k * N + o;
+        const T* e = s.exact ? nullptr : s.eps + ((k - 1) * s.B + gb) * d;
+        const Vec ad = (BOTTOM && s.exact) ? Vec::loadu(s.w0t + (k - 1) * H + j, nn) : Vec::loadu(P + ok, nn);
+        const Vec xt = s1 * ad;
+        Vec gh;
+        if constexpr (TOP) {
+          const T g = s.scale * gtr[gb];
+          if (s.exact) {
+            gh = Vec(g) * Vec::loadu(s.wl + (k - 1) * H + j, nn);
+            T* row = gwl + (k - 1) * H + j;
+            at::vec::fmadd(Vec(g), xt, Vec::loadu(row, nn)).store(row, nn);
+          } else {
+            Vec u(T(0));
+            for (int64_t i = 0; i < d; ++i) {
+              u = at::vec::fmadd(Vec(e[i]), Vec::loadu(s.wl + i * H + j, nn), u);
+              T* row = gwl + i * H + j;
+              at::vec::fmadd(Vec(g * e[i]), xt, Vec::loadu(row, nn)).store(row, nn);
+            }
+            gh = Vec(g) * u;
+          }
+        } else {
+          gh = Vec::loadu(gX + ok, nn);
+          xt.store(X + ok, nn);
+        }
+        const Vec gt_k = s1 * gh;
+        cross = at::vec::fmadd(gh, ad, cross);
+        if constexpr (BOTTOM) {
+          if (s.exact) {
+            T* row = gw0 + (k - 1) * H + j;
+            (Vec::loadu(row, nn) + gt_k).store(row, nn);
+          } else {
+            for (int64_t i = 0; i < d; ++i) {
+              T* row = gw0 + i * H + j;
+              at::vec::fmadd(Vec(e[i]), gt_k, Vec::loadu(row, nn)).store(row, nn);
+            }
+          }
+        } else {
+          gt_k.store((TOP ? G_out : gX) + ok, nn);
+        }
+      }
+      const Vec g0 = at::vec::fmadd(gp, s1, s2 * cross);
+      if constexpr (BOTTOM) {
+        for (int64_t i = 0; i < d; ++i) {
+          zacc[i] = at::vec::fmadd(g0, Vec::loadu(s.w0t + i * H + j, nn), zacc[i]);
+          T* row = gw0 + i * H + j;
+          at::vec::fmadd(Vec(s.z[gb * d + i]), g0, Vec::loadu(row, nn)).store(row, nn);
+        }
+        zacc[d] = at::vec::fmadd(g0, Vec::loadu(s.w0t + d * H + j, nn), zacc[d]);
+        T* row = gw0 + d * H + j;
+        at::vec::fmadd(Vec(s.t[gb]), g0, Vec::loadu(row, nn)).store(row, nn);
+        (Vec::loadu(gb0 + j, nn) + g0).store(gb0 + j, nn);
+      } else {
+        g0.store((TOP ? G_out : gX) + o, nn);
+      }
+    }
+    if constexpr (BOTTOM) {
+      for (int64_t i = 0; i < d; ++i) gz[gb * d + i] = hsum(zacc[i]);
+      gt[gb] = hsum(zacc[d]);
+    }
+  }
+}
+
+
+template <typename T>
+SmallD<T> make_small(const at::Tensor& z, const at::Tensor& t, const at::Tensor& eps, const at::Tensor& w0t,
+                     const at::Tensor& b0, const at::Tensor& wl, const at::Tensor& bl, int64_t m, bool exact) {
+  return SmallD<T>{z.size(0), z.size(1), m, exact, static_cast<T>(exact ? 1.0 : 1.0 / static_cast<double>(m)),
+                   z.const_data_ptr<T>(), t.const_data_ptr<T>(), exact ? nullptr : eps.const_data_ptr<T>(),
+                   w0t.const_data_ptr<T>(), b0.const_data_ptr<T>(), wl.const_data_ptr<T>(), bl.const_data_ptr<T>()};
+}
+
+template <typename T>
+void fwd_small(bool first, bool last, T* P, T* X, int64_t n, int64_t H, Act act, const T* bias, const SmallD<T>& s,
+               int64_t c0, T* f, T* tr) {
+  if (first && last) {
+    act_fwd_small<T, true, true>(P, X, n, H, act, bias, s, c0, f, tr);
+  } else if (first) {
+    act_fwd_small<T, true, false>(P, X, n, H, act, bias, s, c0, f, tr);
+  } else if (last) {
+    act_fwd_small<T, false, true>(P, X, n, H, act, bias, s, c0, f, tr);
+  } else {
+    act_fwd_small<T, false, false>(P, X, n, H, act, bias, s, c0, f, tr);
+  }
+}
+
+template <typename T>
+void bwd_small(bool top, bool bottom, T* gX, const T* P, T* X, T* G_out, int64_t n, int64_t H, Act act,
+               const SmallD<T>& s, int64_t c0, const T* gf, const T* gtr, T* gwl, T* gw0, T* gb0, T* gz, T* gt) {
+  if (top && bottom) {
+    act_bwd_small<T, true, true>(gX, P, X, G_out, n, H, act, s, c0, gf, gtr, gwl, gw0, gb0, gz, gt);
+  } else if (top) {
+    act_bwd_small<T, true, false>(gX, P, X, G_out, n, H, act, s, c0, gf, gtr, gwl, gw0, gb0, gz, gt);
+  } else if (bottom) {
+    act_bwd_small<T, false, true>(gX, P, X, G_out, n, H, act, s, c0, gf, gtr, gwl, gw0, gb0, gz, gt);
+  } else {
+    act_bwd_small<T, false, false>(gX, P, X, G_out, n, H, act, s, c0, gf, gtr, gwl, gw0, gb0, gz, gt);
   }
 }
 
@@ -327,10 +568,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_fwd_cpu(const at::Tenso
   Scratch xs(1, (1 + m) * C * plan.hmax, z.options()), fs(1, (1 + m) * C * d, z.options());
   // exact: row k is the first layer's tangent for the basis probe e_k
   const at::Tensor wzt = exact ? weights[0].narrow(1, 0, d).t().contiguous() : at::Tensor();
+  // small d: the first layer's input rows [z, t] as columns, the last weight as rows
+  const at::Tensor w0t = plan.small ? weights[0].t().contiguous() : at::Tensor();
+  const at::Tensor wl = plan.small ? weights[L - 1].contiguous() : at::Tensor();
   for_chunks(plan, [&](int64_t c) {
     const int64_t b0 = c * C, n = std::min(C, B - b0);
     at::Tensor scratch = xs.get(0), Fbuf = fs.get(0);
     at::Tensor X;
+    if (plan.small) {
+      AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_trace_fwd_small", [&] {
+        const SmallD<scalar_t> sd = make_small<scalar_t>(z, t, eps, w0t, bc[0], wl, bc[L - 1], m, exact);
+        for (int64_t l = 0; l + 1 < L; ++l) {
+          const int64_t H = weights[l].size(0), rows = stored_rows(l, m, exact);
+          at::Tensor P = acts.narrow(0, plan.base[l] + rows * b0 * H, rows * n * H).view({rows * n, H});
+          if (l > 0) at::mm_out(P, X, weights[l].t());
+          X = scratch.narrow(0, 0, (1 + m) * n * H).view({(1 + m) * n, H});
+          fwd_small<scalar_t>(l == 0, l + 2 == L, P.mutable_data_ptr<scalar_t>(), X.mutable_data_ptr<scalar_t>(), n, H,
+                              act, l == 0 ? nullptr : bc[l].const_data_ptr<scalar_t>(), sd, b0,
+                              f.mutable_data_ptr<scalar_t>(), tr.mutable_data_ptr<scalar_t>());
+        }
+      });
+      return;
+    }
     for (int64_t l = 0; l < L; ++l) {
       const at::Tensor& w = weights[l];
       const int64_t H = w.size(0);
@@ -427,6 +686,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   const at::Tensor& w0 = weights[0];
   auto wz = w0.narrow(1, 0, d);
   const at::Tensor wzt = exact ? wz.t().contiguous() : at::Tensor();
+  const at::Tensor w0t = plan.small ? w0.t().contiguous() : at::Tensor();
+  const at::Tensor wl = plan.small ? weights[L - 1].contiguous() : at::Tensor();
+  std::vector<at::Tensor> bc(L);
+  for (int64_t l = 0; l < L; ++l) bc[l] = biases[l].contiguous();
   for_chunks(plan, [&](int64_t c) {
     const int64_t b0 = c * C, n = std::min(C, B - b0);
     std::vector<at::Tensor> cw(L), cb(L);  // where this chunk's parameter gradients go
@@ -441,6 +704,50 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
       }
     }
     at::Tensor buf_a = bufs.get(0), spare = bufs.get(1), xbuf = bufs.get(2);
+    if (plan.small) {
+      const int64_t H0 = w0.size(0), Ht = weights[L - 1].size(1);
+      // this chunk's first- and last-layer gradients, accumulated by the passes ([d + 1, H0]: transposed)
+      at::Tensor gwl = at::zeros({d, Ht}, z.options()), gw0 = at::zeros({d + 1, H0}, z.options());
+      at::Tensor gb0 = at::zeros({H0}, z.options());
+      AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_trace_bwd_small", [&] {
+        const SmallD<scalar_t> sd = make_small<scalar_t>(z, t, eps, w0t, bc[0], wl, bc[L - 1], m, exact);
+        at::Tensor G = buf_a.narrow(0, 0, (1 + m) * n * Ht).view({(1 + m) * n, Ht});
+        for (int64_t l = L - 2; l >= 0; --l) {  // hidden layer l; weight l + 1 maps its output onwards
+          const int64_t H = weights[l].size(0), rows = stored_rows(l, m, exact);
+          auto P = actc.narrow(0, plan.base[l] + rows * b0 * H, rows * n * H).view({rows * n, H});
+          const bool top = l + 2 == L, bottom = l == 0;
+          at::Tensor gX, X;
+          if (!top) {
+            gX = spare.narrow(0, 0, (1 + m) * n * H).view({(1 + m) * n, H});
+            at::mm_out(gX, G, weights[l + 1]);
+            X = xbuf.narrow(0, 0, (1 + m) * n * H).view({(1 + m) * n, H});
+          }
+          bwd_small<scalar_t>(top, bottom, top ? nullptr : gX.mutable_data_ptr<scalar_t>(), P.const_data_ptr<scalar_t>(),
+                              top ? nullptr : X.mutable_data_ptr<scalar_t>(), top ? G.mutable_data_ptr<scalar_t>() : nullptr,
+                              n, H, act, sd, b0, gf.const_data_ptr<scalar_t>(), gtr.const_data_ptr<scalar_t>(),
+                              gwl.mutable_data_ptr<scalar_t>(), gw0.mutable_data_ptr<scalar_t>(),
+                              gb0.mutable_data_ptr<scalar_t>(), gz.mutable_data_ptr<scalar_t>(),
+                              gt.mutable_data_ptr<scalar_t>());
+          if (!top) {
+            tn(cw[l + 1], G, X);
+            colsum(cb[l + 1], G.narrow(0, 0, n));
+            std::swap(buf_a, spare);
+            G = gX;
+          }
+        }
+      });
+      if (fresh) {
+        cw[L - 1].copy_(gwl);
+        cw[0].copy_(gw0.t());
+        cb[0].copy_(gb0);
+      } else {
+        cw[L - 1].add_(gwl);
+        cw[0].add_(gw0.t());
+        cb[0].add_(gb0);
+      }
+      colsum(cb[L - 1], gf.narrow(0, b0, n));
+      return;
+    }
     at::Tensor G = buf_a.narrow(0, 0, (1 + m) * n * d).view({(1 + m) * n, d});
     G.narrow(0, 0, n).copy_(gf.narrow(0, b0, n));
     auto Gd = G.narrow(0, n, m * n).view({m, n, d});

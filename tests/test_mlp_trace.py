@@ -89,9 +89,12 @@ def test_exact_trace_equals_jacobian_trace(backend, act, shape):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("probes", [None, 1, 3])
-@pytest.mark.parametrize("shape", [(1, 2, (5,)), (7, 3, (11, 6)), (17, 5, (8, 8, 8))],
-                         ids=lambda s: f"B{s[0]}d{s[1]}h{len(s[2])}")
+@pytest.mark.parametrize("shape", [(1, 2, (5,)), (7, 3, (11, 6)), (17, 5, (8, 8, 8)), (9, 10, (12, 7)),
+                                   (33, 3, (300, 16))],
+                         ids=lambda s: f"B{s[0]}d{s[1]}h{'x'.join(map(str, s[2]))}")
 def test_outputs_and_gradients_match_reference(backend, act, probes, shape):
+    """Shapes cover the C++ kernel's paths: small d (first and last layer inside the elementwise passes,
+    one hidden layer included), d > 8 (skinny GEMMs) and a hidden layer wider than 256 (sequential chunks)."""
     B, d, hidden = shape
     z, t, ws, bs = make(B, d, hidden, seed=B + d)
     eps = None if probes is None else rademacher(probes, B, d)
