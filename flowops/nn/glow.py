@@ -339,11 +339,148 @@ def _conv_layout(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return module(h)
 
 
+_CL = torch.channels_last
+# oneDNN convolution with the ReLU as a post-op (one pass over the output instead of two)
+_POINTWISE_CONV = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+
+
+def _conv_chain(module: nn.Module):
+    """``(convs, relus)`` when ``module`` is an ``nn.Sequential`` of plain ``nn.Conv2d`` layers (stride 1, no
+    dilation or groups, zero padding given as ints, with bias, no hooks), each optionally followed by one
+    ``nn.ReLU`` except the last (e.g. :func:`flowops.nn.conv_net`); else ``None``."""
+    if type(module) is not nn.Sequential or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    convs, relus = [], []
+    for m in module:
+        if type(m) is nn.ReLU and convs and not relus[-1] and not (m._forward_hooks or m._forward_pre_hooks):
+            relus[-1] = True
+        elif (type(m) is nn.Conv2d and m.bias is not None and m.stride == (1, 1) and m.dilation == (1, 1)
+              and m.groups == 1 and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
+              and not (m._forward_hooks or m._forward_pre_hooks)):
+            convs.append(m)
+            relus.append(False)
+        else:
+            return None
+    return (convs, relus) if convs and not relus[-1] else None
+
+
+def _chain_forward(h, weights, biases, relus, pads):
+    """The conv chain on a channels-last ``h``; returns every conv's input and the output (channels-last)."""
+    acts = [h]
+    for w, b, relu, pad in zip(weights, biases, relus, pads):
+        if _POINTWISE_CONV is not None and h.dtype == torch.float32:
+            h = _POINTWISE_CONV(h, w, b, pad, (1, 1), (1, 1), 1, "relu" if relu else "none", [], "")
+        else:
+            h = F.conv2d(h, w, b, padding=pad)
+            if relu:
+                h = h.relu_()
+        acts.append(h)
+    return acts
+
+
+def _chain_backward(g, acts, weights, relus, pads, need_input):
+    """Gradients of the conv chain for the channels-last output gradient ``g``: ``(g_input, [g_w, g_b, ...])``.
+    ReLU gradients are applied in place on the convolutions' input gradients (no extra buffers)."""
+    grads = []
+    for i in range(len(weights) - 1, -1, -1):
+        w = weights[i]
+        if i + 1 < len(weights) and relus[i]:  # acts[i + 1] is this ReLU's output: zero where it is <= 0
+            torch.ops.aten.threshold_backward.grad_input(g, acts[i + 1], 0, grad_input=g)
+        g, gw, gb = torch.ops.aten.convolution_backward(g, acts[i], w, [w.shape[0]], (1, 1), pads[i], (1, 1), False,
+                                                        (0, 0), 1, (i > 0 or need_input, True, True))
+        grads += [gb, gw]
+    return g, grads[::-1]
+
+
+class _GlowCouplingFn(torch.autograd.Function):
+    """A channel-split Glow coupling with a conv-chain conditioner as one autograd node (eager CPU, C++ backend):
+    ``y = cat(x_pass, couple(x_trans, conditioner(x_pass)))`` in pass/transformed order. The conditioner runs
+    channels-last with the ReLUs fused into the convolutions; the backward calls the convolution backward
+    kernels directly, applies the ReLU gradients in place and writes the input gradient in one buffer."""
+
+    @staticmethod
+    def forward(ctx, x, spec, *params):
+        pass_sl, trans_sl, pass_first, relus, pads, scale, clamp, inverse = spec
+        weights = [w.contiguous(memory_format=_CL) for w in params[0::2]]  # converted once for both passes
+        biases = params[1::2]
+        xp, xt = x[:, pass_sl], x[:, trans_sl]
+        acts = _chain_forward(xp.contiguous(memory_format=_CL), weights, biases, relus, pads)
+        p = acts.pop().contiguous()
+        if scale == "additive":
+            yt = xt - p if inverse else xt + p
+            ld = x.new_zeros(x.shape[0])
+        else:
+            yt, ld = torch.ops.flowops.affine_coupling_fwd(xt, p, None, scale, clamp, inverse)
+        y = torch.cat((xp, yt) if pass_first else (yt, xp), dim=1)
+        ctx.spec = spec
+        ctx.save_for_backward(x, p, *acts, *weights)
+        ctx.n_acts = len(acts)
+        return y, ld
+
+    @staticmethod
+    def backward(ctx, gy, gld):
+        if torch.is_grad_enabled():
+            raise RuntimeError("flowops Glow coupling: higher-order gradients (backward with create_graph=True) are "
+                               "not supported by the fused path; run the model under "
+                               "flowops.use_backend('reference') for them")
+        pass_sl, trans_sl, pass_first, relus, pads, scale, clamp, inverse = ctx.spec
+        saved = ctx.saved_tensors
+        x, p = saved[0], saved[1]
+        acts, weights = saved[2:2 + ctx.n_acts], saved[2 + ctx.n_acts:]
+        if gy is None:
+            gy = torch.zeros_like(x)
+        gyt = gy[:, trans_sl]
+        if scale == "additive":
+            gxt, gp = gyt, (-gyt if inverse else gyt)
+        else:
+            if gld is None:
+                gld = x.new_zeros(x.shape[0])
+            gxt, gp = torch.ops.flowops.affine_coupling_bwd(gyt, gld, x[:, trans_sl], p, None, scale, clamp, inverse)
+        gh, pgrads = _chain_backward(gp.contiguous(memory_format=_CL), acts, weights, relus, pads,
+                                     ctx.needs_input_grad[0])
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+            gx[:, trans_sl] = gxt
+            torch.add(gy[:, pass_sl], gh, out=gx[:, pass_sl])
+        return (gx, None, *pgrads)
+
+
+def _fused_coupling(layer, x, inverse):
+    """``layer(x)`` / ``layer.inverse(x)`` as one :class:`_GlowCouplingFn` node when it applies, else None."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 4
+            or layer.mask is not None or torch.compiler.is_compiling() or _backend.select(x.device) != "cpp"):
+        return None
+    chain = _conv_chain(layer.conditioner)
+    if chain is None:
+        return None
+    convs, relus = chain
+    if convs[0].in_channels != layer.cond_in or convs[-1].out_channels != layer.cond_out:
+        return None
+    params = []
+    for c in convs:
+        if c.weight.dtype != x.dtype or c.weight.device != x.device:
+            return None
+        params += [c.weight, c.bias]
+    scale = "additive" if isinstance(layer, AdditiveCoupling) else layer.scale
+    clamp = 1.0 if scale == "additive" else layer.clamp
+    spec = (layer._pass, layer._trans, layer._pass_first, tuple(relus), tuple(c.padding for c in convs), scale,
+            clamp, bool(inverse))
+    return _GlowCouplingFn.apply(x.contiguous(), spec, *params)
+
+
 class _AnySpatial:
     """Coupling mixin: accept any height/width (the conv conditioner does not depend on them)."""
 
     def _check(self, x):
         _check_input(type(self).__name__, "x", x, self.shape[0])
+
+    def _run(self, x, inverse):
+        self._check(x)
+        out = _fused_coupling(self, x, inverse)
+        if out is not None:
+            return out
+        return super()._run(x, inverse)
 
     def _params(self, h):
         p = _conv_layout(self.conditioner, h)
