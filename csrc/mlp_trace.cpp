@@ -573,7 +573,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_fwd_cpu(const at::Tenso
   const at::Tensor wl = plan.small ? weights[L - 1].contiguous() : at::Tensor();
   for_chunks(plan, [&](int64_t c) {
     const int64_t b0 = c * C, n = std::min(C, B - b0);
-    at::Tensor scratch = xs.get(0), Fbuf = fs.get(0);
+    at::Tensor scratch = xs.get(0);
     at::Tensor X;
     if (plan.small) {
       AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_trace_fwd_small", [&] {
@@ -590,6 +590,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_fwd_cpu(const at::Tenso
       });
       return;
     }
+    at::Tensor Fbuf = fs.get(0);
     for (int64_t l = 0; l < L; ++l) {
       const at::Tensor& w = weights[l];
       const int64_t H = w.size(0);
@@ -706,15 +707,14 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     at::Tensor buf_a = bufs.get(0), spare = bufs.get(1), xbuf = bufs.get(2);
     if (plan.small) {
       const int64_t H0 = w0.size(0), Ht = weights[L - 1].size(1);
-      // this chunk's first- and last-layer gradients, accumulated by the passes ([d + 1, H0]: transposed)
-      at::Tensor gwl = at::zeros({d, Ht}, z.options()), gw0 = at::zeros({d + 1, H0}, z.options());
-      at::Tensor gb0 = at::zeros({H0}, z.options());
       AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_trace_bwd_small", [&] {
+        // this chunk's first- and last-layer gradients, accumulated by the passes (gw0 as [d + 1, H0])
+        std::vector<scalar_t> gwl(d * Ht, scalar_t(0)), gw0((d + 1) * H0, scalar_t(0)), gb0(H0, scalar_t(0));
         const SmallD<scalar_t> sd = make_small<scalar_t>(z, t, eps, w0t, bc[0], wl, bc[L - 1], m, exact);
         at::Tensor G = buf_a.narrow(0, 0, (1 + m) * n * Ht).view({(1 + m) * n, Ht});
         for (int64_t l = L - 2; l >= 0; --l) {  // hidden layer l; weight l + 1 maps its output onwards
           const int64_t H = weights[l].size(0), rows = stored_rows(l, m, exact);
-          auto P = actc.narrow(0, plan.base[l] + rows * b0 * H, rows * n * H).view({rows * n, H});
+          const scalar_t* P = actc.const_data_ptr<scalar_t>() + plan.base[l] + rows * b0 * H;
           const bool top = l + 2 == L, bottom = l == 0;
           at::Tensor gX, X;
           if (!top) {
@@ -722,11 +722,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
             at::mm_out(gX, G, weights[l + 1]);
             X = xbuf.narrow(0, 0, (1 + m) * n * H).view({(1 + m) * n, H});
           }
-          bwd_small<scalar_t>(top, bottom, top ? nullptr : gX.mutable_data_ptr<scalar_t>(), P.const_data_ptr<scalar_t>(),
+          bwd_small<scalar_t>(top, bottom, top ? nullptr : gX.mutable_data_ptr<scalar_t>(), P,
                               top ? nullptr : X.mutable_data_ptr<scalar_t>(), top ? G.mutable_data_ptr<scalar_t>() : nullptr,
                               n, H, act, sd, b0, gf.const_data_ptr<scalar_t>(), gtr.const_data_ptr<scalar_t>(),
-                              gwl.mutable_data_ptr<scalar_t>(), gw0.mutable_data_ptr<scalar_t>(),
-                              gb0.mutable_data_ptr<scalar_t>(), gz.mutable_data_ptr<scalar_t>(),
+                              gwl.data(), gw0.data(), gb0.data(), gz.mutable_data_ptr<scalar_t>(),
                               gt.mutable_data_ptr<scalar_t>());
           if (!top) {
             tn(cw[l + 1], G, X);
@@ -735,17 +734,24 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
             G = gX;
           }
         }
+        // into this chunk's slot (fresh) or onto the gradients; cw/cb are contiguous
+        scalar_t* owl = cw[L - 1].mutable_data_ptr<scalar_t>();
+        scalar_t* obl = cb[L - 1].mutable_data_ptr<scalar_t>();
+        scalar_t* ow0 = cw[0].mutable_data_ptr<scalar_t>();  // [H0, d + 1]
+        scalar_t* ob0 = cb[0].mutable_data_ptr<scalar_t>();
+        const scalar_t* gfp = gf.const_data_ptr<scalar_t>() + b0 * d;
+        std::vector<scalar_t> gbl(d, scalar_t(0));
+        for (int64_t b = 0; b < n; ++b) {
+          for (int64_t i = 0; i < d; ++i) gbl[i] += gfp[b * d + i];
+        }
+        auto put = [fresh](scalar_t* o, scalar_t v) { *o = fresh ? v : *o + v; };
+        for (int64_t i = 0; i < d * Ht; ++i) put(owl + i, gwl[i]);
+        for (int64_t i = 0; i < d; ++i) put(obl + i, gbl[i]);
+        for (int64_t j = 0; j < H0; ++j) {
+          for (int64_t i = 0; i <= d; ++i) put(ow0 + j * (d + 1) + i, gw0[i * H0 + j]);
+          put(ob0 + j, gb0[j]);
+        }
       });
-      if (fresh) {
-        cw[L - 1].copy_(gwl);
-        cw[0].copy_(gw0.t());
-        cb[0].copy_(gb0);
-      } else {
-        cw[L - 1].add_(gwl);
-        cw[0].add_(gw0.t());
-        cb[0].add_(gb0);
-      }
-      colsum(cb[L - 1], gf.narrow(0, b0, n));
       return;
     }
     at::Tensor G = buf_a.narrow(0, 0, (1 + m) * n * d).view({(1 + m) * n, d});
