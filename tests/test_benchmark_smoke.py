@@ -54,3 +54,29 @@ def test_case_bytes_and_shapes():
 
 def torch_all_zero(t):
     return bool((t == 0).all())
+
+
+def test_shapes_may_hold_zero_after_batch_and_features():
+    assert benchmark.parse_shape("1024x2x64x0") == (1024, 2, 64, 0)
+    import argparse
+
+    import pytest
+    for bad in ("0x2", "4x0", "4x2x-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            benchmark.parse_shape(bad)
+
+
+def test_cnf_floor_line():
+    """The mlp_trace target lines carry the GEMM floor: the hidden x hidden GEMMs both sides run, timed alone."""
+    ms, count = benchmark._cnf_gemm_floor((32, 2, 16, 0), {"device": "cpu", "dtype": "float32"}, repeats=3)
+    assert ms > 0 and count == 6
+    assert benchmark._cnf_gemm_floor((32, 2, 16, 0), {"device": "cuda", "dtype": "float32"}) is None
+    shape = (1024, 2, 64, 0)
+    rec = {"op": "mlp_trace", "shape": list(shape), "direction": "fwd+bwd", "device": "cpu", "dtype": "float32",
+           "speedup": {"vs_reference": 2.5},
+           "impls": {"reference": {"median_s": 4e-3, "peak_bytes": 4_800_000},
+                     "flowops": {"median_s": 1.6e-3, "peak_bytes": 2_800_000}}}
+    text = benchmark.format_targets([rec])
+    assert "mlp_trace 1024x2x64x0 fwd+bwd vs autograd reference: 2.50x (>= 2x: met)" in text
+    assert "hidden x hidden GEMMs that both sides run" in text
+    assert "peak memory reference/fused: 1.71x (>= 1.5x: met)" in text
