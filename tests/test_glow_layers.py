@@ -535,3 +535,33 @@ def test_actnorm_load_uninitialized_state_resets_flag():
     x = torch.randn(5, 2, 3, 3) * 3 + 2
     z, _ = an(x)
     torch.testing.assert_close(z.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+
+
+def test_inplace_relu_of_the_fused_conditioners():
+    """The fused path's ReLU masks its incoming gradient in place; values and gradients equal F.relu's,
+    also for a gradient that is not a dense tensor of its own (an expanded one falls back)."""
+    from flowops.nn import glow as G
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        h = torch.nn.functional.conv2d(x.contiguous(memory_format=memory_format), w, padding=1)
+        want = torch.autograd.grad((torch.relu(h) * g).sum(), (x, w))
+        h = torch.nn.functional.conv2d(x.contiguous(memory_format=memory_format), w, padding=1)
+        out = G._relu_(h)
+        torch.testing.assert_close(out.detach(), torch.relu(torch.nn.functional.conv2d(x, w, padding=1)).detach())
+        got = torch.autograd.grad((out * g).sum(), (x, w))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        # an expanded incoming gradient (sum's backward) cannot be written in place: out-of-place fallback
+        h = torch.nn.functional.conv2d(x, w, padding=1)
+        got = torch.autograd.grad(G._relu_(h).sum(), (x, w))
+        h = torch.nn.functional.conv2d(x, w, padding=1)
+        want = torch.autograd.grad(torch.relu(h).sum(), (x, w))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # no graph: plain relu_
+        h = torch.randn(3, 3)
+        assert G._relu_(h) is h and bool((h >= 0).all())

@@ -324,6 +324,33 @@ class Split(nn.Module):
         return self.inverse(kept, eps)[0]
 
 
+class _ReLUInPlace(torch.autograd.Function):
+    """``relu_`` whose backward also works in place: the incoming gradient (the next convolution's fresh input
+    gradient) is masked where it lies instead of into a new buffer, so a conditioner's backward holds one
+    hidden-sized buffer less at its peak. Falls back to an out-of-place mask when the gradient is not a dense
+    tensor (expanded or overlapping)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        h.relu_()
+        ctx.mark_dirty(h)
+        ctx.save_for_backward(h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        if grad.is_contiguous(memory_format=torch.channels_last) or grad.is_contiguous():
+            return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
+        return torch.ops.aten.threshold_backward(grad, out, 0)
+
+
+def _relu_(h: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and h.requires_grad and not torch.compiler.is_compiling():
+        return _ReLUInPlace.apply(h)
+    return F.relu_(h)
+
+
 def _conv_layout(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """``module(h)`` for a convolutional conditioner; outside the reference backend, on the CPU, it runs in
     the channels-last layout (oneDNN's convolutions skip their per-call layout reorders there: about 1.6x
@@ -333,7 +360,7 @@ def _conv_layout(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
         h = h.contiguous(memory_format=torch.channels_last)
         if isinstance(module, nn.Sequential):
             for m in module:  # ReLUs in place: no extra activation buffer (autograd keeps only their output)
-                h = F.relu_(h) if type(m) is nn.ReLU else m(h)
+                h = _relu_(h) if type(m) is nn.ReLU else m(h)
             return h.contiguous()
         return module(h).contiguous()
     return module(h)
