@@ -78,12 +78,18 @@ class ReversibleDriftError(RuntimeError):
 class _Block:
     def __init__(self, module: nn.Module, name: str):
         self.module, self.name = module, name
+        self._all_params = None  # blocks live for one forward/backward: the module walk is done once
 
     def label(self) -> str:
         return f"{self.name} ({type(self.module).__name__})"
 
+    def _parameters(self):
+        return list(self.module.parameters())
+
     def params(self):
-        return [p for p in self.module.parameters() if p.requires_grad]
+        if self._all_params is None:
+            self._all_params = self._parameters()
+        return [p for p in self._all_params if p.requires_grad]
 
     def forward(self, h):
         y, ld = self.module(h)
@@ -130,8 +136,8 @@ class _ActNormInvConvBlock(_Block):
     def label(self) -> str:
         return f"{self.name}.transforms.0-1 (ActNorm + InvConv1x1)"
 
-    def params(self):
-        return [p for m in self.module.transforms[:2] for p in m.parameters() if p.requires_grad]
+    def _parameters(self):
+        return [p for m in self.module.transforms[:2] for p in m.parameters()]
 
     def forward(self, h):
         y, ld = self.module.norm_conv(h)
@@ -390,12 +396,10 @@ class _GradSlots:
             if need:
                 groups.setdefault((p.dtype, p.device), []).append(j)
         for (dtype, device), idx in groups.items():
-            flat = torch.empty(sum(params[j].numel() for j in idx), dtype=dtype, device=device)
-            off = 0
-            for j in idx:
-                n = params[j].numel()
-                self.views[j] = flat[off:off + n].view(params[j].shape)
-                off += n
+            sizes = [params[j].numel() for j in idx]
+            flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+            for j, part in zip(idx, flat.split(sizes)):
+                self.views[j] = part.view(params[j].shape)
 
     def add(self, j, g):
         v = self.views[j]
