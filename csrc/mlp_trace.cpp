@@ -127,79 +127,6 @@ inline void derivs(const Vectorized<T>& a, Act act, Vectorized<T>& h, Vectorized
   }
 }
 
-// X[:B] = sigma(a), X[(k+1)B:] = sigma'(a) * a_dot_k, for P = [a; a_dot_0; ...; a_dot_{M-1}], rows of H.
-// With `bcast` (the exact trace's first layer) the tangent rows are not stored: a_dot_k is row k of
-// bcast [M, H] for every sample (the basis probe e_k times W), and P holds the primal rows only.
-// With `bias`, the primal rows of P get it added first. P's primal rows are then rewritten with what the
-// backward reads: tanh(a) for tanh (its derivatives are polynomials of it), the biased a otherwise.
-template <typename T>
-void act_fwd(T* P, T* X, int64_t B, int64_t M, int64_t H, Act act, const T* bias, const T* bcast = nullptr) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t V = Vec::size();
-  const int64_t N = B * H;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * (1 + M)));
-  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t row = b * H;
-      for (int64_t j = 0; j < H; j += V) {
-        const int64_t n = std::min<int64_t>(V, H - j);
-        const int64_t o = row + j;
-        Vec h, s1, s2;
-        Vec a = Vec::loadu(P + o, n);
-        if (bias != nullptr) a = a + Vec::loadu(bias + j, n);
-        derivs(a, act, h, s1, s2);
-        if (act == Act::TANH) {
-          h.store(P + o, n);  // tanh's derivatives follow from tanh(a) itself: no tanh in the backward
-        } else if (bias != nullptr) {
-          a.store(P + o, n);
-        }
-        h.store(X + o, n);
-        for (int64_t k = 1; k <= M; ++k) {
-          const Vec ad = bcast != nullptr ? Vec::loadu(bcast + (k - 1) * H + j, n) : Vec::loadu(P + k * N + o, n);
-          (s1 * ad).store(X + k * N + o, n);
-        }
-      }
-    }
-  });
-}
-
-// In place on gX (becomes G, the pre-activation gradient); X receives the recomputed activations.
-// P's primal rows hold what act_fwd left there (tanh(a) for tanh, else a).
-template <typename T>
-void act_bwd(T* gX, const T* P, T* X, int64_t B, int64_t M, int64_t H, Act act, const T* bcast = nullptr) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t V = Vec::size();
-  const int64_t N = B * H;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * (1 + M)));
-  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t row = b * H;
-      for (int64_t j = 0; j < H; j += V) {
-        const int64_t n = std::min<int64_t>(V, H - j);
-        const int64_t o = row + j;
-        Vec h, s1, s2;
-        if (act == Act::TANH) {
-          h = Vec::loadu(P + o, n);
-          s1 = Vec(T(1)) - h * h;
-          s2 = Vec(T(-2)) * h * s1;
-        } else {
-          derivs(Vec::loadu(P + o, n), act, h, s1, s2);
-        }
-        h.store(X + o, n);
-        Vec cross(T(0));
-        for (int64_t k = 1; k <= M; ++k) {
-          const int64_t ok = k * N + o;
-          const Vec ad = bcast != nullptr ? Vec::loadu(bcast + (k - 1) * H + j, n) : Vec::loadu(P + ok, n);
-          const Vec gh = Vec::loadu(gX + ok, n);
-          (s1 * ad).store(X + ok, n);
-          (s1 * gh).store(gX + ok, n);
-          cross = at::vec::fmadd(gh, ad, cross);
-        }
-        at::vec::fmadd(Vec::loadu(gX + o, n), s1, s2 * cross).store(gX + o, n);
-      }
-    }
-  });
-}
 
 // Rows stored per sample for hidden layer l: the primal and the m tangents, except the exact trace's
 // first layer, whose tangent pre-activations are the columns of W (the same for every sample).
@@ -222,7 +149,7 @@ int64_t acts_numel(int64_t B, int64_t m, bool exact, at::TensorList weights) {
 // chunk order, so the result does not depend on the number of threads. Wide fields run the chunks one
 // after another with multithreaded GEMMs accumulating straight into the gradients.
 constexpr int64_t kChunkParallelMaxWidth = 256;
-constexpr int64_t kSmallD = 8;  // see act_fwd_small
+constexpr int64_t kSmallD = 8;  // see fwd_pass / bwd_pass
 
 int64_t chunk_rows(int64_t B, int64_t m, int64_t hmax, int64_t elem) {
   const int64_t target = (128 * 1024) / std::max<int64_t>(1, elem * (1 + m) * std::max<int64_t>(hmax, 1));
@@ -329,16 +256,36 @@ inline T hsum(const Vectorized<T>& v) {
   return s;
 }
 
-// One hidden layer's forward pass over the chunk's n samples starting at global sample c0. FIRST: the
-// pre-activations come from z, t (and eps); P receives the stored rows (primal, plus the tangents for
-// Hutchinson). LAST: X is not written; f and tr get the outputs. Otherwise as act_fwd.
+// sigma(a), sigma'(a), sigma''(a) from what the forward pass stored in a primal row of P: tanh(a) for tanh
+// (its derivatives are polynomials of it), a itself otherwise.
+template <typename T>
+inline void saved_derivs(const Vectorized<T>& stored, Act act, Vectorized<T>& h, Vectorized<T>& s1,
+                         Vectorized<T>& s2) {
+  using Vec = Vectorized<T>;
+  if (act == Act::TANH) {
+    h = stored;
+    s1 = Vec(T(1)) - h * h;
+    s2 = Vec(T(-2)) * h * s1;
+  } else {
+    derivs(stored, act, h, s1, s2);
+  }
+}
+
+// One hidden layer's forward pass over rows [r0, r1) of a chunk of n samples starting at global sample c0.
+// P = [a; a_dot_0; ...; a_dot_{M-1}] (rows of H, tangent block k at P + (k + 1) n H); the pass writes
+// X[:n] = sigma(a) and X's tangent rows sigma'(a) * a_dot_k, adding `bias` to the primal rows first, and
+// rewrites P's primal rows with what the backward reads (tanh(a) for tanh, else the biased a).
+// `bcast` (the exact trace's first layer): the tangent rows are not stored, a_dot_k is row k of bcast [M, H]
+// for every sample (the basis probe e_k times W) and P holds the primal rows only.
+// FIRST (small d): the pre-activations come from z, t (and eps, whose tangent rows go to P) instead of P.
+// LAST (small d): X is not written; f and tr get the outputs.
 template <typename T, bool FIRST, bool LAST>
-void act_fwd_small(T* P, T* X, int64_t n, int64_t H, Act act, const T* bias, const SmallD<T>& s, int64_t c0, T* f,
-                   T* tr) {
+void fwd_pass(T* P, T* X, int64_t n, int64_t H, Act act, const T* bias, const T* bcast, const SmallD<T>& s,
+              int64_t c0, int64_t r0, int64_t r1, T* f, T* tr) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
   const int64_t M = s.M, d = s.d, N = n * H;
-  for (int64_t b = 0; b < n; ++b) {
+  for (int64_t b = r0; b < r1; ++b) {
     const int64_t gb = c0 + b;
     Vec facc[kSmallD];
     for (int64_t i = 0; i < d; ++i) facc[i] = Vec(T(0));
@@ -357,7 +304,11 @@ void act_fwd_small(T* P, T* X, int64_t n, int64_t H, Act act, const T* bias, con
       }
       Vec h, s1, s2;
       derivs(a, act, h, s1, s2);
-      (act == Act::TANH ? h : a).store(P + o, nn);
+      if (act == Act::TANH) {
+        h.store(P + o, nn);
+      } else if (FIRST || bias != nullptr) {
+        a.store(P + o, nn);
+      }
       if constexpr (LAST) {
         for (int64_t i = 0; i < d; ++i) facc[i] = at::vec::fmadd(h, Vec::loadu(s.wl + i * H + j, nn), facc[i]);
       } else {
@@ -365,8 +316,8 @@ void act_fwd_small(T* P, T* X, int64_t n, int64_t H, Act act, const T* bias, con
       }
       for (int64_t k = 1; k <= M; ++k) {
         Vec ad;
-        if (FIRST && s.exact) {
-          ad = Vec::loadu(s.w0t + (k - 1) * H + j, nn);
+        if (bcast != nullptr) {
+          ad = Vec::loadu(bcast + (k - 1) * H + j, nn);
         } else if (FIRST) {
           const T* e = s.eps + ((k - 1) * s.B + gb) * d;
           ad = Vec(T(0));
@@ -397,18 +348,21 @@ void act_fwd_small(T* P, T* X, int64_t n, int64_t H, Act act, const T* bias, con
   }
 }
 
-// One hidden layer's backward pass. TOP (the last hidden layer): the input gradient gX comes from
-// grad_f / grad_trace through the last weight (computed here, gX is not read) and the last layer's weight
-// gradient is accumulated into gwl [d, H]; X is not written; G goes to G_out. BOTTOM (the first hidden
-// layer): G is not written; dz and dt go to gz / gt and the first layer's gradients are accumulated into
-// gw0 [d + 1, H] (transposed) and gb0 [H]. Otherwise as act_bwd (G in place of gX, X written).
+// One hidden layer's backward pass over rows [r0, r1): in place on gX, which becomes G, the pre-activation
+// gradient (G_a = gX_a sigma'(a) + sigma''(a) sum_k gX_k a_dot_k, G_k = gX_k sigma'(a)); X receives the
+// recomputed activations for the weight gradient. `bcast` as in fwd_pass.
+// TOP (small d, the last hidden layer): gX comes from grad_f / grad_trace through the last weight (computed
+// here, gX is not read), the last layer's weight gradient is accumulated into gwl [d, H], X is not written
+// and G goes to G_out. BOTTOM (small d, the first hidden layer): G is not written; dz and dt go to gz / gt and
+// the first layer's gradients are accumulated into gw0 [d + 1, H] (transposed) and gb0 [H].
 template <typename T, bool TOP, bool BOTTOM>
-void act_bwd_small(T* gX, const T* P, T* X, T* G_out, int64_t n, int64_t H, Act act, const SmallD<T>& s, int64_t c0,
-                   const T* gf, const T* gtr, T* gwl, T* gw0, T* gb0, T* gz, T* gt) {
+void bwd_pass(T* gX, const T* P, T* X, T* G_out, int64_t n, int64_t H, Act act, const T* bcast,
+              const SmallD<T>& s, int64_t c0, int64_t r0, int64_t r1, const T* gf, const T* gtr, T* gwl, T* gw0,
+              T* gb0, T* gz, T* gt) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
   const int64_t M = s.M, d = s.d, N = n * H;
-  for (int64_t b = 0; b < n; ++b) {
+  for (int64_t b = r0; b < r1; ++b) {
     const int64_t gb = c0 + b;
     Vec zacc[kSmallD + 1];
     if constexpr (BOTTOM) {
@@ -418,13 +372,7 @@ void act_bwd_small(T* gX, const T* P, T* X, T* G_out, int64_t n, int64_t H, Act 
       const int64_t nn = std::min<int64_t>(V, H - j);
       const int64_t o = b * H + j;
       Vec h, s1, s2;
-      if (act == Act::TANH) {
-        h = Vec::loadu(P + o, nn);
-        s1 = Vec(T(1)) - h * h;
-        s2 = Vec(T(-2)) * h * s1;
-      } else {
-        derivs(Vec::loadu(P + o, nn), act, h, s1, s2);
-      }
+      saved_derivs(Vec::loadu(P + o, nn), act, h, s1, s2);
       Vec gp;
       if constexpr (TOP) {
         gp = Vec(T(0));
@@ -440,8 +388,8 @@ void act_bwd_small(T* gX, const T* P, T* X, T* G_out, int64_t n, int64_t H, Act 
       Vec cross(T(0));
       for (int64_t k = 1; k <= M; ++k) {
         const int64_t ok = k * N + o;
-        const T* e = s.exact ? nullptr : s.eps + ((k - 1) * s.B + gb) * d;
-        const Vec ad = (BOTTOM && s.exact) ? Vec::loadu(s.w0t + (k - 1) * H + j, nn) : Vec::loadu(P + ok, nn);
+        const T* e = (TOP || BOTTOM) && !s.exact ? s.eps + ((k - 1) * s.B + gb) * d : nullptr;
+        const Vec ad = bcast != nullptr ? Vec::loadu(bcast + (k - 1) * H + j, nn) : Vec::loadu(P + ok, nn);
         const Vec xt = s1 * ad;
         Vec gh;
         if constexpr (TOP) {
@@ -501,7 +449,6 @@ void act_bwd_small(T* gX, const T* P, T* X, T* G_out, int64_t n, int64_t H, Act 
   }
 }
 
-
 template <typename T>
 SmallD<T> make_small(const at::Tensor& z, const at::Tensor& t, const at::Tensor& eps, const at::Tensor& w0t,
                      const at::Tensor& b0, const at::Tensor& wl, const at::Tensor& bl, int64_t m, bool exact) {
@@ -510,32 +457,59 @@ SmallD<T> make_small(const at::Tensor& z, const at::Tensor& t, const at::Tensor&
                    w0t.const_data_ptr<T>(), b0.const_data_ptr<T>(), wl.const_data_ptr<T>(), bl.const_data_ptr<T>()};
 }
 
+// A small-d chunk's whole pass, single-threaded (that path runs inside the parallel loop over chunks).
 template <typename T>
-void fwd_small(bool first, bool last, T* P, T* X, int64_t n, int64_t H, Act act, const T* bias, const SmallD<T>& s,
-               int64_t c0, T* f, T* tr) {
+void fwd_small(bool first, bool last, T* P, T* X, int64_t n, int64_t H, Act act, const T* bias, const T* bcast,
+               const SmallD<T>& s, int64_t c0, T* f, T* tr) {
   if (first && last) {
-    act_fwd_small<T, true, true>(P, X, n, H, act, bias, s, c0, f, tr);
+    fwd_pass<T, true, true>(P, X, n, H, act, bias, bcast, s, c0, 0, n, f, tr);
   } else if (first) {
-    act_fwd_small<T, true, false>(P, X, n, H, act, bias, s, c0, f, tr);
+    fwd_pass<T, true, false>(P, X, n, H, act, bias, bcast, s, c0, 0, n, f, tr);
   } else if (last) {
-    act_fwd_small<T, false, true>(P, X, n, H, act, bias, s, c0, f, tr);
+    fwd_pass<T, false, true>(P, X, n, H, act, bias, bcast, s, c0, 0, n, f, tr);
   } else {
-    act_fwd_small<T, false, false>(P, X, n, H, act, bias, s, c0, f, tr);
+    fwd_pass<T, false, false>(P, X, n, H, act, bias, bcast, s, c0, 0, n, f, tr);
   }
 }
 
 template <typename T>
 void bwd_small(bool top, bool bottom, T* gX, const T* P, T* X, T* G_out, int64_t n, int64_t H, Act act,
-               const SmallD<T>& s, int64_t c0, const T* gf, const T* gtr, T* gwl, T* gw0, T* gb0, T* gz, T* gt) {
+               const T* bcast, const SmallD<T>& s, int64_t c0, const T* gf, const T* gtr, T* gwl, T* gw0, T* gb0,
+               T* gz, T* gt) {
   if (top && bottom) {
-    act_bwd_small<T, true, true>(gX, P, X, G_out, n, H, act, s, c0, gf, gtr, gwl, gw0, gb0, gz, gt);
+    bwd_pass<T, true, true>(gX, P, X, G_out, n, H, act, bcast, s, c0, 0, n, gf, gtr, gwl, gw0, gb0, gz, gt);
   } else if (top) {
-    act_bwd_small<T, true, false>(gX, P, X, G_out, n, H, act, s, c0, gf, gtr, gwl, gw0, gb0, gz, gt);
+    bwd_pass<T, true, false>(gX, P, X, G_out, n, H, act, bcast, s, c0, 0, n, gf, gtr, gwl, gw0, gb0, gz, gt);
   } else if (bottom) {
-    act_bwd_small<T, false, true>(gX, P, X, G_out, n, H, act, s, c0, gf, gtr, gwl, gw0, gb0, gz, gt);
+    bwd_pass<T, false, true>(gX, P, X, G_out, n, H, act, bcast, s, c0, 0, n, gf, gtr, gwl, gw0, gb0, gz, gt);
   } else {
-    act_bwd_small<T, false, false>(gX, P, X, G_out, n, H, act, s, c0, gf, gtr, gwl, gw0, gb0, gz, gt);
+    bwd_pass<T, false, false>(gX, P, X, G_out, n, H, act, bcast, s, c0, 0, n, gf, gtr, gwl, gw0, gb0, gz, gt);
   }
+}
+
+// The generic passes (any d) of one hidden layer over a chunk of B samples, rows in parallel.
+inline int64_t row_grain(int64_t M, int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * (1 + M))); }
+
+template <typename T>
+SmallD<T> plain_pass(int64_t B, int64_t M) {
+  return SmallD<T>{B, 0, M, true, T(1), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+}
+
+template <typename T>
+void act_fwd(T* P, T* X, int64_t B, int64_t M, int64_t H, Act act, const T* bias, const T* bcast) {
+  const SmallD<T> s = plain_pass<T>(B, M);
+  at::parallel_for(0, B, row_grain(M, H), [&](int64_t r0, int64_t r1) {
+    fwd_pass<T, false, false>(P, X, B, H, act, bias, bcast, s, 0, r0, r1, nullptr, nullptr);
+  });
+}
+
+template <typename T>
+void act_bwd(T* gX, const T* P, T* X, int64_t B, int64_t M, int64_t H, Act act, const T* bcast) {
+  const SmallD<T> s = plain_pass<T>(B, M);
+  at::parallel_for(0, B, row_grain(M, H), [&](int64_t r0, int64_t r1) {
+    bwd_pass<T, false, false>(gX, P, X, nullptr, B, H, act, bcast, s, 0, r0, r1, nullptr, nullptr, nullptr,
+                              nullptr, nullptr, nullptr, nullptr);
+  });
 }
 
 // acc += A^T B for row-stacked A [K, M], B [K, N] (MKL takes the transposed operand directly; a
@@ -584,8 +558,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_fwd_cpu(const at::Tenso
           if (l > 0) at::mm_out(P, X, weights[l].t());
           X = scratch.narrow(0, 0, (1 + m) * n * H).view({(1 + m) * n, H});
           fwd_small<scalar_t>(l == 0, l + 2 == L, P.mutable_data_ptr<scalar_t>(), X.mutable_data_ptr<scalar_t>(), n, H,
-                              act, l == 0 ? nullptr : bc[l].const_data_ptr<scalar_t>(), sd, b0,
-                              f.mutable_data_ptr<scalar_t>(), tr.mutable_data_ptr<scalar_t>());
+                              act, l == 0 ? nullptr : bc[l].const_data_ptr<scalar_t>(),
+                              l == 0 && exact ? sd.w0t : nullptr, sd, b0, f.mutable_data_ptr<scalar_t>(),
+                              tr.mutable_data_ptr<scalar_t>());
         }
       });
       return;
@@ -643,10 +618,14 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
                     acts.numel(), " elements, expected ", acts_numel(B, m, exact, weights));
   TORCH_CHECK_VALUE(grad_f.numel() == B * d && grad_trace.numel() == B,
                     "flowops.mlp_trace_bwd: gradients must be [B, d] and [B]");
+  const Plan plan = make_plan(z, m, exact, weights, act);
+  // Parallel chunks overwrite the gradients with their slots' sum below; otherwise chunks accumulate into them.
   std::vector<at::Tensor> gws(L), gbs(L);
   for (int64_t l = 0; l < L; ++l) {
-    gws[l] = at::zeros_like(weights[l], at::MemoryFormat::Contiguous);
-    gbs[l] = at::zeros_like(biases[l], at::MemoryFormat::Contiguous);
+    gws[l] = plan.parallel ? at::empty_like(weights[l], at::MemoryFormat::Contiguous)
+                           : at::zeros_like(weights[l], at::MemoryFormat::Contiguous);
+    gbs[l] = plan.parallel ? at::empty_like(biases[l], at::MemoryFormat::Contiguous)
+                           : at::zeros_like(biases[l], at::MemoryFormat::Contiguous);
   }
   auto gz = at::empty({B, d}, z.options());
   auto gt = at::empty({B}, z.options());
@@ -655,7 +634,6 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   auto gf = grad_f.to(z.scalar_type()).reshape({B, d}).contiguous();
   auto gtr = grad_trace.to(z.scalar_type()).reshape({B}).contiguous();
   auto actc = acts.contiguous();
-  const Plan plan = make_plan(z, m, exact, weights, act);
   const int64_t C = plan.C;
   // Parallel chunks: one flat slot of all parameter gradients per chunk, summed in chunk order below.
   std::vector<int64_t> goff;
@@ -724,7 +702,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
           }
           bwd_small<scalar_t>(top, bottom, top ? nullptr : gX.mutable_data_ptr<scalar_t>(), P,
                               top ? nullptr : X.mutable_data_ptr<scalar_t>(), top ? G.mutable_data_ptr<scalar_t>() : nullptr,
-                              n, H, act, sd, b0, gf.const_data_ptr<scalar_t>(), gtr.const_data_ptr<scalar_t>(),
+                              n, H, act, bottom && exact ? sd.w0t : nullptr, sd, b0, gf.const_data_ptr<scalar_t>(),
+                              gtr.const_data_ptr<scalar_t>(),
                               gwl.data(), gw0.data(), gb0.data(), gz.mutable_data_ptr<scalar_t>(),
                               gt.mutable_data_ptr<scalar_t>());
           if (!top) {
