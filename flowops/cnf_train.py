@@ -141,15 +141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not _check_args(args):
         return 2
     from . import data
-    from .train import History, _finish, evaluate_nll, lr_factor, make_optimizer
+    from .train import History, _finish, evaluate_nll, lr_factor, make_optimizer, time_ratios
 
     clip = args.clip if args.clip > 0 else None
     old_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
         seed = args.seed
-        train_x = data.moons(10000, args.noise, seed=seed + 1)
-        heldout_x = data.moons(args.heldout, args.noise, seed=seed + 2)
+        train_x, heldout_x, sampler = data.moons_streams(args.noise, args.heldout, seed)
         std = data.Standardize.fit(train_x)
         torch.manual_seed(seed)
         model = build_model(args, std)
@@ -157,7 +156,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compare:
             twin_steps = args.steps if args.compare_steps is None else min(args.steps, args.compare_steps)
             runs.append((copy.deepcopy(model), "reference", twin_steps))
-        sampler = data.MoonsSampler(args.noise, seed=seed)
         fused_name = "reference" if args.backend == "reference" else "fused"
         fixed = args.solver in ("rk4", "euler", "midpoint", "explicit_adams", "implicit_adams")
         solver_opts = f" step {args.step_size:g}" if fixed else f" tol {args.atol:g}/{args.rtol:g}"
@@ -233,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compare:
             ref, nfe_r = states[1][5], states[1][6]
             n = min(len(ref.step_time), len(fused.step_time))
-            ratio = statistics.median(r / f for r, f in zip(ref.step_time[:n], fused.step_time[:n]) if f > 0)
+            ratio = time_ratios(fused, ref)[1]
             print(f"{'reference':<9}: train {ref.train_time:7.2f} s ({1e3 * ref.median_step:.1f} ms/iteration "
                   f"median over {ref.steps} steps), NFE per solve {statistics.fmean(nfe_r):.1f} (mean), held-out "
                   f"NLL {ref.heldout_nll:.4f} nats")

@@ -11,7 +11,7 @@ import torch
 
 from .nn.base import Transform
 
-__all__ = ["moons", "MoonsSampler", "Standardize", "digits", "DIGITS_LEVELS"]
+__all__ = ["moons", "MoonsSampler", "moons_streams", "Standardize", "digits", "DIGITS_LEVELS"]
 
 
 def _rng(seed) -> np.random.RandomState:
@@ -70,6 +70,16 @@ class MoonsSampler:
         if not parts:
             return self._buf[:0]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def moons_streams(noise: float, heldout: int, seed: int = 0):
+    """The 2-moons tasks' independent data streams: ``(reference, heldout, sampler)``.
+
+    ``reference``: 10,000 points (standardization and the data panel of the figures; seed ``seed + 1``),
+    ``heldout``: ``heldout`` points for the held-out NLL (seed ``seed + 2``), ``sampler``: the training
+    batches (:class:`MoonsSampler`, seed ``seed``)."""
+    return (moons(10000, noise, seed=seed + 1), moons(heldout, noise, seed=seed + 2),
+            MoonsSampler(noise, seed=seed))
 
 
 class Standardize(Transform):

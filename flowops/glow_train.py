@@ -42,14 +42,13 @@ import copy
 import inspect
 import math
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 from . import _backend
-from .train import SCHEDULES, History, _backend_name, _finish, lr_factor, make_optimizer
+from .train import SCHEDULES, History, _backend_name, _finish, lr_factor, make_optimizer, time_ratios
 
 __all__ = ["DEFAULTS", "BatchOrder", "build_model", "heldout_bpd", "load_checkpoint", "main"]
 
@@ -549,9 +548,7 @@ def _run(args, cfg, ckpt, temps, rank, world, device) -> int:
     if cfg["compare"]:
         f, r = hists
         diff = results[0]["heldout_bpd"] - results[1]["heldout_bpd"]
-        ratio = r.train_time / f.train_time if f.train_time > 0 else float("nan")
-        step_ratio = statistics.median(b / a for a, b in zip(f.step_time, r.step_time) if a > 0) \
-            if f.step_time else float("nan")
+        ratio, step_ratio = time_ratios(f, r)
         say(f"held-out bits/dim difference ({names[0]} - reference): {diff:+.4f} (target |diff| <= 0.02: "
             f"{'met' if abs(diff) <= 0.02 else 'NOT met'}); training-time ratio reference/{names[0]}: {ratio:.2f}x "
             f"(median per-step ratio {step_ratio:.2f}x)")

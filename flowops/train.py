@@ -286,12 +286,17 @@ def _valid_counts(task: str, counts: dict, lr: float) -> bool:
     return True
 
 
+def time_ratios(fused: History, ref: History) -> tuple:
+    """``(reference / fused training time, median of the per-step ratios over the steps both ran)``."""
+    ratio = ref.train_time / fused.train_time if fused.train_time > 0 else float("nan")
+    steps = [r / f for r, f in zip(ref.step_time, fused.step_time) if f > 0]
+    return ratio, (statistics.median(steps) if steps else float("nan"))
+
+
 def _report_comparison(fused, ref, metrics: dict) -> bool:
     """Prints and records the reference twin's run against the fused one; False if its NLL is not finite."""
     diff = fused.heldout_nll - ref.heldout_nll
-    ratio = ref.train_time / fused.train_time if fused.train_time > 0 else float("nan")
-    step_ratio = statistics.median(r / f for r, f in zip(ref.step_time, fused.step_time) if f > 0) \
-        if fused.step_time else float("nan")
+    ratio, step_ratio = time_ratios(fused, ref)
     print(f"{'reference':<9} ({ref.optimizer}): train {ref.train_time:6.2f} s "
           f"({1e3 * ref.median_step:.2f} ms/step median)  held-out NLL {ref.heldout_nll:.4f} nats  "
           f"(last-100-step train NLL {ref.final_nll():.4f})")
@@ -328,8 +333,7 @@ def _moons(args) -> int:
         # Independent streams: training batches, the reference sample (standardization + the data
         # panel of the figure), and the held-out sample.
         seed = args.seed
-        train_x = data.moons(10000, args.noise, seed=seed + 1)
-        heldout_x = data.moons(args.heldout, args.noise, seed=seed + 2)
+        train_x, heldout_x, sampler = data.moons_streams(args.noise, args.heldout, seed)
         std = data.Standardize.fit(train_x) if args.standardize else None
         torch.manual_seed(seed)
         model = build_moons_model(args.layers, args.hidden, std)
@@ -337,7 +341,6 @@ def _moons(args) -> int:
         if args.compare:
             models.append(copy.deepcopy(model))  # identical initial weights
             backends.append("reference")
-        sampler = data.MoonsSampler(args.noise, seed=seed)
         fused_name = _backend_name(args.backend, "cpu")
         print(f"RealNVP(features=2, layers={args.layers}, hidden={args.hidden}) on 2-moons (noise {args.noise}): "
               f"batch {args.batch}, {args.steps} steps, lr {args.lr:g} ({args.schedule}), clip {clip}, "
@@ -462,10 +465,8 @@ def _maf(rest) -> int:
     try:
         seed = args.seed
         if moons_data:
-            train_x = data.moons(10000, 0.05, seed=seed + 1)
-            heldout_x = data.moons(args.heldout, 0.05, seed=seed + 2)
+            train_x, heldout_x, sampler = data.moons_streams(0.05, args.heldout, seed)
             std = data.Standardize.fit(train_x)
-            sampler = data.MoonsSampler(0.05, seed=seed)
             units = "nats per point in the raw 2-moons coordinates"
         else:
             try:
