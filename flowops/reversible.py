@@ -53,7 +53,7 @@ import warnings
 import torch
 from torch import nn
 
-from .nn.base import Compose, InverseTransform, Permutation, Transform
+from .nn.base import Compose, InverseTransform, Permutation, Transform, chain
 
 __all__ = ["ReversibleSequential", "ReversibleDriftWarning", "ReversibleDriftError", "DEFAULT_DRIFT_TOL",
            "reversible_blocks", "SavedTensorMeter"]
@@ -541,13 +541,7 @@ class ReversibleSequential(Transform):
         return h, total
 
     def inverse(self, z):
-        total = None
-        for t in reversed(self.transforms):
-            z, ld = t.inverse(z)
-            total = ld if total is None else total + ld
-        if total is None:
-            total = z.new_zeros(z.shape[0])
-        return z, total
+        return chain(self.transforms, z, inverse=True)
 
     _fused = Compose._fused  # used by Compose.forward when enabled=False
 

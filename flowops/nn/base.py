@@ -70,27 +70,23 @@ class Compose(Transform):
 
     def forward(self, x):
         fused = self._fused(x, False)
-        if fused is not None:
-            return fused
-        total = None
-        for t in self.transforms:
-            x, ld = t(x)
-            total = ld if total is None else total + ld
-        if total is None:
-            total = x.new_zeros(x.shape[0])
-        return x, total
+        return fused if fused is not None else chain(self.transforms, x)
 
     def inverse(self, z):
         fused = self._fused(z, True)
-        if fused is not None:
-            return fused
-        total = None
-        for t in reversed(self.transforms):
-            z, ld = t.inverse(z)
-            total = ld if total is None else total + ld
-        if total is None:
-            total = z.new_zeros(z.shape[0])
-        return z, total
+        return fused if fused is not None else chain(self.transforms, z, inverse=True)
+
+
+def chain(transforms, x, inverse: bool = False):
+    """``x`` through ``transforms`` one by one (in reverse, each inverted, when ``inverse``); the log-dets add
+    up (zeros for an empty chain)."""
+    total = None
+    for t in (reversed(transforms) if inverse else transforms):
+        x, ld = t.inverse(x) if inverse else t(x)
+        total = ld if total is None else total + ld
+    if total is None:
+        total = x.new_zeros(x.shape[0])
+    return x, total
 
 
 class Permutation(Transform):
