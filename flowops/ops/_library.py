@@ -93,12 +93,13 @@ def _cuda_bwd(grad_y, grad_logdet, x, params, mask, scale, clamp, inverse):
     return _ref_bwd(grad_y, grad_logdet, x, params, mask, scale, clamp, inverse)
 
 
-def _logdet_dtype(x):
+def logdet_dtype(x):
+    """The log-det's dtype for input ``x``: float32 for half-precision inputs (shared by the ops' fake kernels)."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 def _fake_fwd(x, params, mask, scale, clamp, inverse):
-    return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=_logdet_dtype(x))
+    return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=logdet_dtype(x))
 
 
 def _fake_bwd(grad_y, grad_logdet, x, params, mask, scale, clamp, inverse):

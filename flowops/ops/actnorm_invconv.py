@@ -82,12 +82,8 @@ def _cuda_bwd(grad_y, grad_logdet, x, log_scale, bias, weight, w_logdet, inverse
     return _ref_bwd(grad_y, grad_logdet, x, log_scale, bias, weight, w_logdet, inverse)
 
 
-def _ld_dtype(x):
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
 def _fake_fwd(x, log_scale, bias, weight, w_logdet, inverse):
-    return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=_ld_dtype(x))
+    return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=_library.logdet_dtype(x))
 
 
 def _fake_bwd(grad_y, grad_logdet, x, log_scale, bias, weight, w_logdet, inverse):
@@ -110,7 +106,7 @@ def _backward(ctx, grad_y, grad_logdet):
     if grad_y is None:
         grad_y = torch.zeros_like(x)
     if grad_logdet is None:
-        grad_logdet = x.new_zeros((x.shape[0],), dtype=_ld_dtype(x))
+        grad_logdet = x.new_zeros((x.shape[0],), dtype=_library.logdet_dtype(x))
     grads = torch.ops.flowops.actnorm_invconv_bwd(grad_y, grad_logdet, x, log_scale, bias, weight, w_logdet,
                                                   ctx.inverse)
     return (*grads, None)

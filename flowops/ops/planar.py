@@ -81,12 +81,8 @@ def _cuda_bwd(grad_z, grad_logdet, z, w, u, b):
     return _ref_bwd(grad_z, grad_logdet, z, w, u, b)
 
 
-def _ld_dtype(z):
-    return torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
-
-
 def _fake_fwd(z, w, u, b):
-    return z.new_empty(z.shape), z.new_empty((z.shape[0],), dtype=_ld_dtype(z))
+    return z.new_empty(z.shape), z.new_empty((z.shape[0],), dtype=_library.logdet_dtype(z))
 
 
 def _fake_bwd(grad_z, grad_logdet, z, w, u, b):
