@@ -1299,6 +1299,7 @@ def format_targets(records: list) -> str:  # noqa: F811 - extends the target lin
 # ============================================================================================
 CNF_TARGETS = {(1024, 2, 64, 0): 2.0, (256, 64, 512, 1): 1.3}
 CNF_MEMORY_TARGET = 1.5
+_CNF_HIDDEN_LAYERS = 3  # hidden layers of `hidden` units in the vector field of the bench cases
 _cnf_cache: dict = {}
 
 
@@ -1306,7 +1307,7 @@ def _cnf_inputs(shape, dtype, device, generator, opts):
     if len(shape) != 4:
         raise ValueError(f"mlp_trace shapes are batch x d x hidden x probes (0 = exact), got {shape}")
     b, d, h, m = shape
-    widths = (d + 1, h, h, h, d)
+    widths = (d + 1, *([h] * _CNF_HIDDEN_LAYERS), d)
     ws = [_randn((o, i), dtype, device, generator, std=i ** -0.5) for i, o in zip(widths[:-1], widths[1:])]
     bs = [_randn((o,), dtype, device, generator, std=0.1) for o in widths[1:]]
     z = _randn((b, d), dtype, device, generator)
@@ -1369,7 +1370,7 @@ def _cnf_gemm_floor(shape, record, repeats: int = 15):
     rows = (1 + probes) * b
     a, w = torch.randn(rows, h, dtype=dtype), torch.randn(h, h, dtype=dtype)
     g = torch.randn(rows, h, dtype=dtype)
-    hidden_pairs = 2  # three hidden layers of `h` units: two h x h weights
+    hidden_pairs = _CNF_HIDDEN_LAYERS - 1  # the h x h weights between the hidden layers
 
     def once():
         for _ in range(hidden_pairs):
