@@ -20,6 +20,8 @@
 #include "flowops.h"
 
 #include <torch/csrc/autograd/custom_function.h>
+#include <array>
+#include <vector>
 #include <torch/library.h>
 
 namespace flowops {
@@ -193,6 +195,137 @@ std::tuple<at::Tensor, at::Tensor> actnorm_invconv_plain(const at::Tensor& x, co
 // autograd node: the fused layers rebuild W once per training step, and as a chain of ~10 small eager ops
 // (and as many backward nodes) that costs more than the C x C arithmetic. Backward, with G = P^T grad_W:
 // grad_lower = tril(G U^T, -1), grad_upper = triu(L^T G, 1), grad_log_s = diag(L^T G) * sign * exp(log_s).
+// W = P L U for small C as plain loops (no tril/triu/eye/diag/mm chain of tiny eager ops). P is applied as
+// a row gather when it is a 0/1 permutation matrix (what InvConv1x1 keeps); any other P is multiplied.
+// L[i][k] = lower[i][k] (k < i), L[i][i] = 1;  U[k][j] = upper[k][j] (j > k), U[k][k] = d_k = sign_k exp(log_s_k).
+
+// perm as a row gather: rows[i] = the column of row i's single 1, or an empty vector when perm is not a
+// permutation matrix.
+template <typename T>
+std::vector<int64_t> perm_rows(const T* P, int64_t C) {
+  std::vector<int64_t> rows(C, -1);
+  std::vector<char> used(C, 0);
+  for (int64_t i = 0; i < C; ++i) {
+    for (int64_t j = 0; j < C; ++j) {
+      const T v = P[i * C + j];
+      if (v == T(1) && rows[i] < 0 && !used[j]) {
+        rows[i] = j;
+        used[j] = 1;
+      } else if (v != T(0)) {
+        return {};
+      }
+    }
+    if (rows[i] < 0) return {};
+  }
+  return rows;
+}
+
+template <typename T>
+void lu_product(const T* lo, const T* up, const T* d, T* LU, int64_t C) {
+  // LU[i][j] = sum_{k <= min(i, j)} L[i][k] U[k][j], row i accumulated over k (inner loop over j contiguous)
+  for (int64_t i = 0; i < C; ++i) {
+    T* out = LU + i * C;
+    for (int64_t j = 0; j < C; ++j) out[j] = T(0);
+    for (int64_t k = 0; k <= i; ++k) {
+      const T l = k == i ? T(1) : lo[i * C + k];
+      const T* u = up + k * C;
+      out[k] += l * d[k];
+      for (int64_t j = k + 1; j < C; ++j) out[j] += l * u[j];
+    }
+  }
+}
+
+bool lu_fast_path(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& sign,
+                  const at::Tensor& log_s) {
+  const auto dt = lower.scalar_type();
+  for (const auto* t : {&perm, &lower, &upper, &sign, &log_s})
+    if (!t->device().is_cpu() || t->scalar_type() != dt || !t->is_contiguous()) return false;
+  return dt == at::kFloat || dt == at::kDouble;
+}
+
+at::Tensor lu_weight_loops(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
+                           const at::Tensor& sign, const at::Tensor& log_s) {
+  const int64_t C = lower.size(0);
+  auto W = at::empty_like(lower);
+  AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "lu_weight", [&] {
+    const scalar_t* P = perm.data_ptr<scalar_t>();
+    std::vector<scalar_t> d(C), LU(C * C);
+    for (int64_t k = 0; k < C; ++k) d[k] = sign.data_ptr<scalar_t>()[k] * std::exp(log_s.data_ptr<scalar_t>()[k]);
+    lu_product(lower.data_ptr<scalar_t>(), upper.data_ptr<scalar_t>(), d.data(), LU.data(), C);
+    scalar_t* w = W.data_ptr<scalar_t>();
+    const auto rows = perm_rows(P, C);
+    if (!rows.empty()) {
+      for (int64_t i = 0; i < C; ++i) std::copy_n(LU.data() + rows[i] * C, C, w + i * C);
+    } else {
+      for (int64_t i = 0; i < C; ++i) {
+        for (int64_t j = 0; j < C; ++j) w[i * C + j] = scalar_t(0);
+        for (int64_t r = 0; r < C; ++r) {
+          const scalar_t p = P[i * C + r];
+          if (p == scalar_t(0)) continue;
+          for (int64_t j = 0; j < C; ++j) w[i * C + j] += p * LU[r * C + j];
+        }
+      }
+    }
+  });
+  return W;
+}
+
+// Gradients of W = P L U for dW: G = P^T dW; d lower = strict lower of G U^T, d upper = strict upper of
+// L^T G, d log_s = diag(L^T G) * d.
+std::array<at::Tensor, 3> lu_weight_grads_loops(const at::Tensor& grad, const at::Tensor& perm,
+                                                const at::Tensor& lower, const at::Tensor& upper,
+                                                const at::Tensor& sign, const at::Tensor& log_s) {
+  const int64_t C = lower.size(0);
+  auto g_lower = at::zeros_like(lower), g_upper = at::zeros_like(upper), g_log_s = at::empty_like(log_s);
+  auto dW = grad.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "lu_weight_backward", [&] {
+    const scalar_t* P = perm.data_ptr<scalar_t>();
+    const scalar_t* gw = dW.data_ptr<scalar_t>();
+    const scalar_t* lo = lower.data_ptr<scalar_t>();
+    const scalar_t* up = upper.data_ptr<scalar_t>();
+    std::vector<scalar_t> d(C), G(C * C, scalar_t(0));
+    for (int64_t k = 0; k < C; ++k) d[k] = sign.data_ptr<scalar_t>()[k] * std::exp(log_s.data_ptr<scalar_t>()[k]);
+    const auto rows = perm_rows(P, C);
+    for (int64_t i = 0; i < C; ++i) {  // G[r] += P[i][r] dW[i]
+      if (!rows.empty()) {
+        std::copy_n(gw + i * C, C, G.data() + rows[i] * C);
+        continue;
+      }
+      for (int64_t r = 0; r < C; ++r) {
+        const scalar_t p = P[i * C + r];
+        if (p == scalar_t(0)) continue;
+        for (int64_t j = 0; j < C; ++j) G[r * C + j] += p * gw[i * C + j];
+      }
+    }
+    scalar_t* gl = g_lower.data_ptr<scalar_t>();
+    scalar_t* gu = g_upper.data_ptr<scalar_t>();
+    scalar_t* gs = g_log_s.data_ptr<scalar_t>();
+    // (G U^T)[i][k] = G[i][k] d_k + sum_{j > k} G[i][j] upper[k][j], kept for k < i
+    for (int64_t i = 0; i < C; ++i) {
+      const scalar_t* gi = G.data() + i * C;
+      for (int64_t k = 0; k < i; ++k) {
+        const scalar_t* u = up + k * C;
+        scalar_t acc = gi[k] * d[k];
+        for (int64_t j = k + 1; j < C; ++j) acc += gi[j] * u[j];
+        gl[i * C + k] = acc;
+      }
+    }
+    // (L^T G)[k][j] = G[k][j] + sum_{i > k} lower[i][k] G[i][j], kept for j >= k
+    std::vector<scalar_t> row(C);
+    for (int64_t k = 0; k < C; ++k) {
+      std::copy_n(G.data() + k * C, C, row.data());
+      for (int64_t i = k + 1; i < C; ++i) {
+        const scalar_t l = lo[i * C + k];
+        const scalar_t* gi = G.data() + i * C;
+        for (int64_t j = k; j < C; ++j) row[j] += l * gi[j];
+      }
+      gs[k] = row[k] * d[k];
+      for (int64_t j = k + 1; j < C; ++j) gu[k * C + j] = row[j];
+    }
+  });
+  return {g_lower, g_upper, g_log_s};
+}
+
 class LuWeightFn : public torch::autograd::Function<LuWeightFn> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& perm, const at::Tensor& lower,
@@ -204,6 +337,12 @@ class LuWeightFn : public torch::autograd::Function<LuWeightFn> {
                       "lu_weight: perm, lower and upper must all be [", C, ", ", C, "]");
     TORCH_CHECK_VALUE(sign.dim() == 1 && sign.size(0) == C && log_s.dim() == 1 && log_s.size(0) == C,
                       "lu_weight: sign and log_s must be [", C, "]");
+    if (lu_fast_path(perm, lower, upper, sign, log_s)) {
+      ctx->saved_data["loops"] = true;
+      ctx->save_for_backward({perm, lower, upper, sign, log_s});
+      return lu_weight_loops(perm, lower, upper, sign, log_s);
+    }
+    ctx->saved_data["loops"] = false;
     auto d = sign * log_s.exp();
     auto L = lower.tril(-1) + at::eye(C, lower.options());
     auto U = upper.triu(1) + at::diag(d);
@@ -214,11 +353,15 @@ class LuWeightFn : public torch::autograd::Function<LuWeightFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     check_first_order("lu_weight");
     auto s = ctx->get_saved_variables();
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    if (ctx->saved_data["loops"].toBool()) {
+      auto g = lu_weight_grads_loops(grads[0], s[0], s[1], s[2], s[3], s[4]);
+      return {at::Tensor(), g[0], g[1], at::Tensor(), g[2]};
+    }
     const auto& perm = s[0];
     const auto& L = s[1];
     const auto& U = s[2];
     const auto& d = s[3];
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     auto G = at::mm(perm.t(), grads[0]);
     auto LtG = at::mm(L.t(), G);
     return {at::Tensor(), at::mm(G, U.t()).tril(-1), LtG.triu(1), at::Tensor(), LtG.diagonal() * d};
@@ -227,6 +370,10 @@ class LuWeightFn : public torch::autograd::Function<LuWeightFn> {
 
 at::Tensor lu_weight_plain(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
                            const at::Tensor& sign, const at::Tensor& log_s) {
+  if (lu_fast_path(perm, lower, upper, sign, log_s) && lower.dim() == 2 && lower.size(0) == lower.size(1) &&
+      perm.sizes() == lower.sizes() && upper.sizes() == lower.sizes() && sign.dim() == 1 &&
+      sign.size(0) == lower.size(0) && log_s.sizes() == sign.sizes())
+    return lu_weight_loops(perm, lower, upper, sign, log_s);
   const int64_t C = lower.size(0);
   auto U = upper.triu(1) + at::diag(sign * log_s.exp());
   return at::mm(at::mm(perm, lower.tril(-1) + at::eye(C, lower.options())), U);

@@ -172,6 +172,15 @@ def grad_rel_error(cfg, steps: int, dtype) -> dict:
         train_step(ref, x.double())
         out["ordinary_vs_fp64"], out["reversible_vs_fp64"] = worst(model, ref)[0], worst(twin, ref)[0]
         out["ordinary_vs_fp64_global"], out["reversible_vs_fp64_global"] = global_rel(model, ref), global_rel(twin, ref)
+        # the gradient's own sensitivity: ordinary backprop again, every input value moved by one unit in the
+        # last place (a random sign each): what any method that does not reproduce the forward bit for bit
+        # must expect to differ by
+        nudged = copy.deepcopy(model)
+        eps = torch.finfo(dtype).eps
+        flip = torch.where(torch.rand(x.shape, generator=torch.Generator().manual_seed(cfg["seed"] + 2)) < 0.5,
+                           -1.0, 1.0).to(dtype)
+        train_step(nudged, x * (1 + eps * flip))
+        out["ordinary_1ulp_worst"], out["ordinary_1ulp_global"] = worst(nudged, model)[0], global_rel(nudged, model)
         # the same with a stored input every 8 steps (checkpoint_every=8): reconstruction restarts from exact
         # values, so rounding cannot build up through the whole stack
         ck = copy.deepcopy(model)
@@ -328,6 +337,9 @@ def _run(args, argv) -> int:
                   f"reversible {g['dtype']} vs ordinary float64 {g['reversible_vs_fp64']:.2e} (worst tensor); all "
                   f"parameters together: ordinary {g['ordinary_vs_fp64_global']:.2e}, reversible "
                   f"{g['reversible_vs_fp64_global']:.2e}")
+            print(f"  sensitivity: ordinary {g['dtype']} with every input value moved by about one ulp differs from "
+                  f"itself by {g['ordinary_1ulp_global']:.2e} (all parameters together), "
+                  f"{g['ordinary_1ulp_worst']:.2e} (worst tensor)")
             print(f"  with checkpoint_every=8: all parameters together {g['checkpoint8_global']:.2e} from ordinary "
                   f"{g['dtype']}, {g['checkpoint8_vs_fp64_global']:.2e} from float64")
     rev = [r["saved_peak"] for r in rows if r["mode"] == "reversible"]

@@ -385,6 +385,40 @@ def test_lu_weight_op_matches_reference_with_gradients():
             torch.autograd.grad(fast_lu(*args).square().sum(), params, create_graph=True)
 
 
+@pytest.mark.parametrize("kind", ["permutation", "identity", "dense"])
+@pytest.mark.parametrize("c", [1, 2, 7, 48])
+def test_lu_weight_op_any_perm_matrix(kind, c):
+    """The C++ loops apply a permutation matrix as a row gather and multiply any other matrix: both
+    match the reference formula P L U and its autograd gradients, in float64 and float32."""
+    from flowops.ops.actnorm_invconv import lu_weight as fast_lu
+
+    gen = torch.Generator().manual_seed(c)
+    if kind == "permutation":
+        perm = torch.eye(c, dtype=F64)[torch.randperm(c, generator=gen)]
+    elif kind == "identity":
+        perm = torch.eye(c, dtype=F64)
+    else:
+        perm = torch.randn(c, c, generator=gen, dtype=F64)
+    lower, upper = torch.randn(c, c, generator=gen, dtype=F64), torch.randn(c, c, generator=gen, dtype=F64)
+    sign = torch.where(torch.rand(c, generator=gen) < 0.5, -1.0, 1.0).to(F64)
+    log_s = 0.3 * torch.randn(c, generator=gen, dtype=F64)
+    g = torch.randn(c, c, generator=gen, dtype=F64)
+    p64 = [t.detach().clone().requires_grad_() for t in (lower, upper, log_s)]
+    ref = lu_weight(perm, p64[0], p64[1], sign, p64[2])  # the reference formula in float64
+    want = (ref.detach(), *torch.autograd.grad(ref, p64, g))
+    for dtype, rtol in ((F64, 1e-12), (torch.float32, 1e-5)):
+        ps = [t.to(dtype).requires_grad_() for t in (lower, upper, log_s)]
+        w = fast_lu(perm.to(dtype), ps[0], ps[1], sign.to(dtype), ps[2])
+        got = (w.detach(), *torch.autograd.grad(w, ps, g.to(dtype)))
+        for a, b in zip(got, want):  # float32: rounding relative to the largest entry of each result
+            torch.testing.assert_close(a.double(), b, rtol=rtol, atol=rtol * 4 * b.abs().max().item())
+        with torch.no_grad():  # the no-autograd kernel
+            nw = fast_lu(perm.to(dtype), lower.to(dtype), upper.to(dtype), sign.to(dtype), log_s.to(dtype))
+        assert torch.equal(nw, w.detach())
+    args = [t.detach().clone().requires_grad_() for t in (lower, upper, log_s)]
+    assert torch.autograd.gradcheck(lambda lo, up, ls: fast_lu(perm, lo, up, sign, ls), tuple(args))
+
+
 def test_bench_glow_ops_quick(tmp_path):
     import json
 
