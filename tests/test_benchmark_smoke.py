@@ -80,3 +80,18 @@ def test_cnf_floor_line():
     assert "mlp_trace 1024x2x64x0 fwd+bwd vs autograd reference: 2.50x (>= 2x: met)" in text
     assert "hidden x hidden GEMMs that both sides run" in text
     assert "peak memory reference/fused: 1.71x (>= 1.5x: met)" in text
+
+
+def test_cnf_edge_gemm_line():
+    """For d > 8 the floor line is followed by the first/last-layer GEMMs the fused formulation runs."""
+    assert benchmark._cnf_edge_gemms((16, 12, 32, 1), {"device": "cpu", "dtype": "float32"}, repeats=2) > 0
+    assert benchmark._cnf_edge_gemms((16, 8, 32, 1), {"device": "cpu", "dtype": "float32"}) is None  # folded
+    assert benchmark._cnf_edge_gemms((16, 12, 32, 1), {"device": "cuda", "dtype": "float32"}) is None
+    shape = (256, 64, 512, 1)
+    rec = {"op": "mlp_trace", "shape": list(shape), "direction": "fwd+bwd", "device": "cpu", "dtype": "float32",
+           "speedup": {"vs_reference": 1.1},
+           "impls": {"reference": {"median_s": 12e-3, "peak_bytes": 7_800_000},
+                     "flowops": {"median_s": 11e-3, "peak_bytes": 6_900_000}}}
+    text = benchmark.format_targets([rec])
+    assert "(>= 1.3x: MISSED)" in text
+    assert "first and last layers' products that the forward-mode formulation runs as GEMMs" in text
