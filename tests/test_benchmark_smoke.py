@@ -66,17 +66,20 @@ def test_shapes_may_hold_zero_after_batch_and_features():
             benchmark.parse_shape(bad)
 
 
+def _mlp_trace_record(shape, ref_s, fused_s, ref_peak, fused_peak):
+    """A bench record of one mlp_trace fwd+bwd case, as format_targets reads it."""
+    return {"op": "mlp_trace", "shape": list(shape), "direction": "fwd+bwd", "device": "cpu", "dtype": "float32",
+            "speedup": {"vs_reference": ref_s / fused_s},
+            "impls": {"reference": {"median_s": ref_s, "peak_bytes": ref_peak},
+                      "flowops": {"median_s": fused_s, "peak_bytes": fused_peak}}}
+
+
 def test_cnf_floor_line():
     """The mlp_trace target lines carry the GEMM floor: the hidden x hidden GEMMs both sides run, timed alone."""
     ms, count = benchmark._cnf_gemm_floor((32, 2, 16, 0), {"device": "cpu", "dtype": "float32"}, repeats=3)
     assert ms > 0 and count == 6
     assert benchmark._cnf_gemm_floor((32, 2, 16, 0), {"device": "cuda", "dtype": "float32"}) is None
-    shape = (1024, 2, 64, 0)
-    rec = {"op": "mlp_trace", "shape": list(shape), "direction": "fwd+bwd", "device": "cpu", "dtype": "float32",
-           "speedup": {"vs_reference": 2.5},
-           "impls": {"reference": {"median_s": 4e-3, "peak_bytes": 4_800_000},
-                     "flowops": {"median_s": 1.6e-3, "peak_bytes": 2_800_000}}}
-    text = benchmark.format_targets([rec])
+    text = benchmark.format_targets([_mlp_trace_record((1024, 2, 64, 0), 4e-3, 1.6e-3, 4_800_000, 2_800_000)])
     assert "mlp_trace 1024x2x64x0 fwd+bwd vs autograd reference: 2.50x (>= 2x: met)" in text
     assert "hidden x hidden GEMMs that both sides run" in text
     assert "peak memory reference/fused: 1.71x (>= 1.5x: met)" in text
@@ -87,11 +90,6 @@ def test_cnf_edge_gemm_line():
     assert benchmark._cnf_edge_gemms((16, 12, 32, 1), {"device": "cpu", "dtype": "float32"}, repeats=2) > 0
     assert benchmark._cnf_edge_gemms((16, 8, 32, 1), {"device": "cpu", "dtype": "float32"}) is None  # folded
     assert benchmark._cnf_edge_gemms((16, 12, 32, 1), {"device": "cuda", "dtype": "float32"}) is None
-    shape = (256, 64, 512, 1)
-    rec = {"op": "mlp_trace", "shape": list(shape), "direction": "fwd+bwd", "device": "cpu", "dtype": "float32",
-           "speedup": {"vs_reference": 1.1},
-           "impls": {"reference": {"median_s": 12e-3, "peak_bytes": 7_800_000},
-                     "flowops": {"median_s": 11e-3, "peak_bytes": 6_900_000}}}
-    text = benchmark.format_targets([rec])
+    text = benchmark.format_targets([_mlp_trace_record((256, 64, 512, 1), 12e-3, 11e-3, 7_800_000, 6_900_000)])
     assert "(>= 1.3x: MISSED)" in text
     assert "first and last layers' products that the forward-mode formulation runs as GEMMs" in text
