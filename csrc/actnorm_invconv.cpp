@@ -195,111 +195,106 @@ std::tuple<at::Tensor, at::Tensor> actnorm_invconv_plain(const at::Tensor& x, co
 // autograd node: the fused layers rebuild W once per training step, and as a chain of ~10 small eager ops
 // (and as many backward nodes) that costs more than the C x C arithmetic. Backward, with G = P^T grad_W:
 // grad_lower = tril(G U^T, -1), grad_upper = triu(L^T G, 1), grad_log_s = diag(L^T G) * sign * exp(log_s).
-// W = P L U for small C as plain loops (no tril/triu/eye/diag/mm chain of tiny eager ops). P is applied as
-// a row gather when it is a 0/1 permutation matrix (what InvConv1x1 keeps); any other P is multiplied.
-// L[i][k] = lower[i][k] (k < i), L[i][i] = 1;  U[k][j] = upper[k][j] (j > k), U[k][k] = d_k = sign_k exp(log_s_k).
+void check_lu_args(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& sign,
+                   const at::Tensor& log_s) {
+  TORCH_CHECK_VALUE(lower.dim() == 2 && lower.size(0) == lower.size(1), "lu_weight: lower must be square, got ",
+                    lower.sizes());
+  const int64_t C = lower.size(0);
+  TORCH_CHECK_VALUE(perm.sizes() == lower.sizes() && upper.sizes() == lower.sizes(),
+                    "lu_weight: perm, lower and upper must all be [", C, ", ", C, "]");
+  TORCH_CHECK_VALUE(sign.dim() == 1 && sign.size(0) == C && log_s.dim() == 1 && log_s.size(0) == C,
+                    "lu_weight: sign and log_s must be [", C, "]");
+}
 
-// perm as a row gather: rows[i] = the column of row i's single 1, or an empty vector when perm is not a
-// permutation matrix.
-template <typename T>
-std::vector<int64_t> perm_rows(const T* P, int64_t C) {
+// W = P L U for small C as plain loops (no tril/triu/eye/diag/mm chain of tiny eager ops), with P applied as
+// a row gather. L[i][k] = lower[i][k] (k < i), L[i][i] = 1; U[k][j] = upper[k][j] (j > k), U[k][k] = d_k =
+// sign_k exp(log_s_k).
+
+// perm as a row gather, rows[i] = the column of row i's single 1, for contiguous CPU float/double arguments
+// and a 0/1 permutation matrix (what InvConv1x1 keeps); empty otherwise (the caller uses the aten formula).
+std::vector<int64_t> perm_rows(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
+                               const at::Tensor& sign, const at::Tensor& log_s) {
+  const auto dt = lower.scalar_type();
+  if (dt != at::kFloat && dt != at::kDouble) return {};
+  for (const auto* t : {&perm, &lower, &upper, &sign, &log_s})
+    if (!t->device().is_cpu() || t->scalar_type() != dt || !t->is_contiguous()) return {};
+  const int64_t C = lower.size(0);
   std::vector<int64_t> rows(C, -1);
   std::vector<char> used(C, 0);
-  for (int64_t i = 0; i < C; ++i) {
-    for (int64_t j = 0; j < C; ++j) {
-      const T v = P[i * C + j];
-      if (v == T(1) && rows[i] < 0 && !used[j]) {
-        rows[i] = j;
-        used[j] = 1;
-      } else if (v != T(0)) {
-        return {};
+  AT_DISPATCH_FLOATING_TYPES(dt, "lu_weight_perm", [&] {
+    const scalar_t* P = perm.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < C; ++i) {
+      for (int64_t j = 0; j < C; ++j) {
+        const scalar_t v = P[i * C + j];
+        if (v == scalar_t(1) && rows[i] < 0 && !used[j]) {
+          rows[i] = j;
+          used[j] = 1;
+        } else if (v != scalar_t(0)) {
+          rows.clear();
+          return;
+        }
+      }
+      if (rows[i] < 0) {
+        rows.clear();
+        return;
       }
     }
-    if (rows[i] < 0) return {};
-  }
+  });
   return rows;
 }
 
 template <typename T>
-void lu_product(const T* lo, const T* up, const T* d, T* LU, int64_t C) {
-  // LU[i][j] = sum_{k <= min(i, j)} L[i][k] U[k][j], row i accumulated over k (inner loop over j contiguous)
-  for (int64_t i = 0; i < C; ++i) {
-    T* out = LU + i * C;
-    for (int64_t j = 0; j < C; ++j) out[j] = T(0);
-    for (int64_t k = 0; k <= i; ++k) {
-      const T l = k == i ? T(1) : lo[i * C + k];
-      const T* u = up + k * C;
-      out[k] += l * d[k];
-      for (int64_t j = k + 1; j < C; ++j) out[j] += l * u[j];
-    }
-  }
+std::vector<T> lu_diag(const at::Tensor& sign, const at::Tensor& log_s) {
+  const int64_t C = sign.size(0);
+  std::vector<T> d(C);
+  for (int64_t k = 0; k < C; ++k) d[k] = sign.const_data_ptr<T>()[k] * std::exp(log_s.const_data_ptr<T>()[k]);
+  return d;
 }
 
-bool lu_fast_path(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& sign,
-                  const at::Tensor& log_s) {
-  const auto dt = lower.scalar_type();
-  for (const auto* t : {&perm, &lower, &upper, &sign, &log_s})
-    if (!t->device().is_cpu() || t->scalar_type() != dt || !t->is_contiguous()) return false;
-  return dt == at::kFloat || dt == at::kDouble;
-}
-
-at::Tensor lu_weight_loops(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
+at::Tensor lu_weight_loops(const std::vector<int64_t>& rows, const at::Tensor& lower, const at::Tensor& upper,
                            const at::Tensor& sign, const at::Tensor& log_s) {
   const int64_t C = lower.size(0);
   auto W = at::empty_like(lower);
   AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "lu_weight", [&] {
-    const scalar_t* P = perm.data_ptr<scalar_t>();
-    std::vector<scalar_t> d(C), LU(C * C);
-    for (int64_t k = 0; k < C; ++k) d[k] = sign.data_ptr<scalar_t>()[k] * std::exp(log_s.data_ptr<scalar_t>()[k]);
-    lu_product(lower.data_ptr<scalar_t>(), upper.data_ptr<scalar_t>(), d.data(), LU.data(), C);
-    scalar_t* w = W.data_ptr<scalar_t>();
-    const auto rows = perm_rows(P, C);
-    if (!rows.empty()) {
-      for (int64_t i = 0; i < C; ++i) std::copy_n(LU.data() + rows[i] * C, C, w + i * C);
-    } else {
-      for (int64_t i = 0; i < C; ++i) {
-        for (int64_t j = 0; j < C; ++j) w[i * C + j] = scalar_t(0);
-        for (int64_t r = 0; r < C; ++r) {
-          const scalar_t p = P[i * C + r];
-          if (p == scalar_t(0)) continue;
-          for (int64_t j = 0; j < C; ++j) w[i * C + j] += p * LU[r * C + j];
-        }
+    const std::vector<scalar_t> d = lu_diag<scalar_t>(sign, log_s);
+    const scalar_t* lo = lower.const_data_ptr<scalar_t>();
+    const scalar_t* up = upper.const_data_ptr<scalar_t>();
+    scalar_t* w = W.mutable_data_ptr<scalar_t>();
+    // W[i] = (L U)[rows[i]], (L U)[r][j] = sum_{k <= min(r, j)} L[r][k] U[k][j], accumulated over k with the
+    // inner loop over j contiguous
+    for (int64_t i = 0; i < C; ++i) {
+      const int64_t r = rows[i];
+      scalar_t* out = w + i * C;
+      std::fill_n(out, C, scalar_t(0));
+      for (int64_t k = 0; k <= r; ++k) {
+        const scalar_t l = k == r ? scalar_t(1) : lo[r * C + k];
+        const scalar_t* u = up + k * C;
+        out[k] += l * d[k];
+        for (int64_t j = k + 1; j < C; ++j) out[j] += l * u[j];
       }
     }
   });
   return W;
 }
 
-// Gradients of W = P L U for dW: G = P^T dW; d lower = strict lower of G U^T, d upper = strict upper of
-// L^T G, d log_s = diag(L^T G) * d.
-std::array<at::Tensor, 3> lu_weight_grads_loops(const at::Tensor& grad, const at::Tensor& perm,
+// Gradients of W = P L U for dW: G = P^T dW (G[rows[i]] = dW[i]); d lower = strict lower of G U^T,
+// d upper = strict upper of L^T G, d log_s = diag(L^T G) * d.
+std::array<at::Tensor, 3> lu_weight_grads_loops(const at::Tensor& grad, const std::vector<int64_t>& rows,
                                                 const at::Tensor& lower, const at::Tensor& upper,
                                                 const at::Tensor& sign, const at::Tensor& log_s) {
   const int64_t C = lower.size(0);
   auto g_lower = at::zeros_like(lower), g_upper = at::zeros_like(upper), g_log_s = at::empty_like(log_s);
   auto dW = grad.contiguous();
   AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "lu_weight_backward", [&] {
-    const scalar_t* P = perm.data_ptr<scalar_t>();
-    const scalar_t* gw = dW.data_ptr<scalar_t>();
-    const scalar_t* lo = lower.data_ptr<scalar_t>();
-    const scalar_t* up = upper.data_ptr<scalar_t>();
-    std::vector<scalar_t> d(C), G(C * C, scalar_t(0));
-    for (int64_t k = 0; k < C; ++k) d[k] = sign.data_ptr<scalar_t>()[k] * std::exp(log_s.data_ptr<scalar_t>()[k]);
-    const auto rows = perm_rows(P, C);
-    for (int64_t i = 0; i < C; ++i) {  // G[r] += P[i][r] dW[i]
-      if (!rows.empty()) {
-        std::copy_n(gw + i * C, C, G.data() + rows[i] * C);
-        continue;
-      }
-      for (int64_t r = 0; r < C; ++r) {
-        const scalar_t p = P[i * C + r];
-        if (p == scalar_t(0)) continue;
-        for (int64_t j = 0; j < C; ++j) G[r * C + j] += p * gw[i * C + j];
-      }
-    }
-    scalar_t* gl = g_lower.data_ptr<scalar_t>();
-    scalar_t* gu = g_upper.data_ptr<scalar_t>();
-    scalar_t* gs = g_log_s.data_ptr<scalar_t>();
+    const scalar_t* gw = dW.const_data_ptr<scalar_t>();
+    const scalar_t* lo = lower.const_data_ptr<scalar_t>();
+    const scalar_t* up = upper.const_data_ptr<scalar_t>();
+    const std::vector<scalar_t> d = lu_diag<scalar_t>(sign, log_s);
+    std::vector<scalar_t> G(C * C);
+    for (int64_t i = 0; i < C; ++i) std::copy_n(gw + i * C, C, G.data() + rows[i] * C);
+    scalar_t* gl = g_lower.mutable_data_ptr<scalar_t>();
+    scalar_t* gu = g_upper.mutable_data_ptr<scalar_t>();
+    scalar_t* gs = g_log_s.mutable_data_ptr<scalar_t>();
     // (G U^T)[i][k] = G[i][k] d_k + sum_{j > k} G[i][j] upper[k][j], kept for k < i
     for (int64_t i = 0; i < C; ++i) {
       const scalar_t* gi = G.data() + i * C;
@@ -326,26 +321,28 @@ std::array<at::Tensor, 3> lu_weight_grads_loops(const at::Tensor& grad, const at
   return {g_lower, g_upper, g_log_s};
 }
 
+// Any other P (not a permutation matrix, other devices or dtypes): the factors as tensors and two matmuls.
+std::array<at::Tensor, 3> lu_factors(const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& sign,
+                                     const at::Tensor& log_s) {
+  auto d = sign * log_s.exp();
+  auto L = lower.tril(-1) + at::eye(lower.size(0), lower.options());
+  auto U = upper.triu(1) + at::diag(d);
+  return {L, U, d};
+}
+
 class LuWeightFn : public torch::autograd::Function<LuWeightFn> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& perm, const at::Tensor& lower,
                             const at::Tensor& upper, const at::Tensor& sign, const at::Tensor& log_s) {
-    TORCH_CHECK_VALUE(lower.dim() == 2 && lower.size(0) == lower.size(1), "lu_weight: lower must be square, got ",
-                      lower.sizes());
-    const int64_t C = lower.size(0);
-    TORCH_CHECK_VALUE(perm.sizes() == lower.sizes() && upper.sizes() == lower.sizes(),
-                      "lu_weight: perm, lower and upper must all be [", C, ", ", C, "]");
-    TORCH_CHECK_VALUE(sign.dim() == 1 && sign.size(0) == C && log_s.dim() == 1 && log_s.size(0) == C,
-                      "lu_weight: sign and log_s must be [", C, "]");
-    if (lu_fast_path(perm, lower, upper, sign, log_s)) {
-      ctx->saved_data["loops"] = true;
-      ctx->save_for_backward({perm, lower, upper, sign, log_s});
-      return lu_weight_loops(perm, lower, upper, sign, log_s);
+    check_lu_args(perm, lower, upper, sign, log_s);
+    auto rows = perm_rows(perm, lower, upper, sign, log_s);
+    if (!rows.empty()) {
+      ctx->save_for_backward({lower, upper, sign, log_s});
+      auto W = lu_weight_loops(rows, lower, upper, sign, log_s);
+      ctx->saved_data["rows"] = std::move(rows);
+      return W;
     }
-    ctx->saved_data["loops"] = false;
-    auto d = sign * log_s.exp();
-    auto L = lower.tril(-1) + at::eye(C, lower.options());
-    auto U = upper.triu(1) + at::diag(d);
+    auto [L, U, d] = lu_factors(lower, upper, sign, log_s);
     ctx->save_for_backward({perm, L, U, d});
     return at::mm(at::mm(perm, L), U);
   }
@@ -354,8 +351,9 @@ class LuWeightFn : public torch::autograd::Function<LuWeightFn> {
     check_first_order("lu_weight");
     auto s = ctx->get_saved_variables();
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    if (ctx->saved_data["loops"].toBool()) {
-      auto g = lu_weight_grads_loops(grads[0], s[0], s[1], s[2], s[3], s[4]);
+    if (ctx->saved_data.count("rows")) {
+      const auto rows = ctx->saved_data["rows"].toIntVector();
+      auto g = lu_weight_grads_loops(grads[0], rows, s[0], s[1], s[2], s[3]);
       return {at::Tensor(), g[0], g[1], at::Tensor(), g[2]};
     }
     const auto& perm = s[0];
@@ -370,13 +368,11 @@ class LuWeightFn : public torch::autograd::Function<LuWeightFn> {
 
 at::Tensor lu_weight_plain(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
                            const at::Tensor& sign, const at::Tensor& log_s) {
-  if (lu_fast_path(perm, lower, upper, sign, log_s) && lower.dim() == 2 && lower.size(0) == lower.size(1) &&
-      perm.sizes() == lower.sizes() && upper.sizes() == lower.sizes() && sign.dim() == 1 &&
-      sign.size(0) == lower.size(0) && log_s.sizes() == sign.sizes())
-    return lu_weight_loops(perm, lower, upper, sign, log_s);
-  const int64_t C = lower.size(0);
-  auto U = upper.triu(1) + at::diag(sign * log_s.exp());
-  return at::mm(at::mm(perm, lower.tril(-1) + at::eye(C, lower.options())), U);
+  check_lu_args(perm, lower, upper, sign, log_s);
+  const auto rows = perm_rows(perm, lower, upper, sign, log_s);
+  if (!rows.empty()) return lu_weight_loops(rows, lower, upper, sign, log_s);
+  auto [L, U, d] = lu_factors(lower, upper, sign, log_s);
+  return at::mm(at::mm(perm, L), U);
 }
 
 at::Tensor lu_weight_autograd(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,

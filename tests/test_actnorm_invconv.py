@@ -388,8 +388,8 @@ def test_lu_weight_op_matches_reference_with_gradients():
 @pytest.mark.parametrize("kind", ["permutation", "identity", "dense"])
 @pytest.mark.parametrize("c", [1, 2, 7, 48])
 def test_lu_weight_op_any_perm_matrix(kind, c):
-    """The C++ loops apply a permutation matrix as a row gather and multiply any other matrix: both
-    match the reference formula P L U and its autograd gradients, in float64 and float32."""
+    """The C++ op applies a permutation matrix as a row gather (loops) and multiplies any other matrix
+    (the aten formula): both match the reference P L U and its autograd gradients, in float64 and float32."""
     from flowops.ops.actnorm_invconv import lu_weight as fast_lu
 
     gen = torch.Generator().manual_seed(c)
