@@ -1,4 +1,4 @@
-"""Device math shared by the Triton kernels, jitted lazily like the kernels themselves.
+"""Device math and block-size helpers shared by the Triton kernels, jitted lazily like the kernels themselves.
 
 Triton 3.x has no ``tl.tanh`` everywhere (and libdevice calls do not run in the interpreter), so
 tanh is built from ``exp``.
@@ -31,3 +31,8 @@ def jitted_tanh():
         tl = language
         _state["tanh"] = triton.jit(_tanh)
     return _state["tanh"]
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): Triton block sizes."""
+    return 1 << max(0, int(n) - 1).bit_length()

@@ -26,20 +26,26 @@ import torch
 
 from flowops.reference.actnorm_invconv import fold, param_grads
 
+from . import _math
+
 tl = None  # triton.language, bound by _load()
 _state: dict = {}
 TILE = 4096  # elements per output tile (BLOCK_C * BLOCK_S)
 
 
-def _matmul_bias_kernel(x_ptr, a_ptr, c_ptr, y_ptr, C, S, TRANS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        CT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _tile(C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's tile of the [N, C, S] view: all channels of sample n, positions of block sb.
+    Returns (n, sb, offs_c, offs_s, cmask, smask, base) with base the sample's first element."""
     n = tl.program_id(0)
     sb = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    cmask = offs_c < C
-    smask = offs_s < S
-    base = n.to(tl.int64) * C * S
+    return n, sb, offs_c, offs_s, offs_c < C, offs_s < S, n.to(tl.int64) * C * S
+
+
+def _matmul_bias_kernel(x_ptr, a_ptr, c_ptr, y_ptr, C, S, TRANS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        CT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    n, sb, offs_c, offs_s, cmask, smask, base = _tile(C, S, BLOCK_C, BLOCK_S)
     acc = tl.zeros((BLOCK_C, BLOCK_S), dtype=CT)
     for k in range(C):
         xk = tl.load(x_ptr + base + k * S + offs_s, mask=smask, other=0.0).to(CT)
@@ -56,13 +62,7 @@ def _matmul_bias_kernel(x_ptr, a_ptr, c_ptr, y_ptr, C, S, TRANS: tl.constexpr, H
 
 def _param_grad_kernel(g_ptr, x_ptr, pa_ptr, pc_ptr, C, S, n_sblocks, CT: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_S: tl.constexpr):
-    n = tl.program_id(0)
-    sb = tl.program_id(1)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    cmask = offs_c < C
-    smask = offs_s < S
-    base = n.to(tl.int64) * C * S
+    n, sb, offs_c, offs_s, cmask, smask, base = _tile(C, S, BLOCK_C, BLOCK_S)
     tile = base + offs_c[:, None] * S + offs_s[None, :]
     inb = cmask[:, None] & smask[None, :]
     x = tl.load(x_ptr + tile, mask=inb, other=0.0).to(CT)
@@ -81,19 +81,16 @@ def _load():
         import triton.language as language
 
         globals()["tl"] = language
+        globals()["_tile"] = triton.jit(_tile)
         _state["mm"] = triton.jit(_matmul_bias_kernel)
         _state["pg"] = triton.jit(_param_grad_kernel)
     return _state["mm"], _state["pg"], tl
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def block_config(C: int, S: int):
     """(BLOCK_C, BLOCK_S, num_warps): all channels in one tile, positions filling up to ``TILE`` elements."""
-    block_c = _next_pow2(max(C, 1))
-    block_s = max(1, min(_next_pow2(max(S, 1)), TILE // block_c))
+    block_c = _math.next_pow2(max(C, 1))
+    block_s = max(1, min(_math.next_pow2(max(S, 1)), TILE // block_c))
     warps = 4 if block_c * block_s >= 2048 else 2
     return block_c, block_s, warps
 

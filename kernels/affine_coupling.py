@@ -204,10 +204,6 @@ def _load():
 # Launchers
 # ---------------------------------------------------------------------------------------
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def block_config(B: int, N: int):
     """(ROWS, COLS, num_warps) for B rows of N elements: tiles of about TILE elements.
 
@@ -215,10 +211,10 @@ def block_config(B: int, N: int):
     ROWS rows per program so short rows (2-D flows have N = 1) still fill a tile; longer
     rows are split into blocks of TILE columns (more if the row would need over 65535).
     """
-    cols = min(_next_pow2(N), TILE)
+    cols = min(_math.next_pow2(N), TILE)
     if -(-N // cols) > MAX_GRID_Y:
-        cols = _next_pow2(-(-N // MAX_GRID_Y))
-    rows = max(1, min(TILE // cols, _next_pow2(B)))
+        cols = _math.next_pow2(-(-N // MAX_GRID_Y))
+    rows = max(1, min(TILE // cols, _math.next_pow2(B)))
     warps = max(1, min(16, (rows * cols) // 256))
     return rows, cols, warps
 

@@ -50,13 +50,19 @@ def _derivs(a, ACT: tl.constexpr):
     return h, s1, s2
 
 
-def _act_fwd_kernel(p_ptr, x_ptr, N, M, ACT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+def _primal_rows(p_ptr, x_ptr, N, ACT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block of primal rows: stores h = act(a) and returns (offs, msk, s1, s2)."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     msk = offs < N
     a = tl.load(p_ptr + offs, mask=msk, other=0.0).to(CT)
     h, s1, s2 = _derivs(a, ACT)
     tl.store(x_ptr + offs, h.to(x_ptr.dtype.element_ty), mask=msk)
+    return offs, msk, s1, s2
+
+
+def _act_fwd_kernel(p_ptr, x_ptr, N, M, ACT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+    offs, msk, s1, s2 = _primal_rows(p_ptr, x_ptr, N, ACT, CT, BLOCK)
     for k in range(M):
         o = offs + (k + 1) * N
         ad = tl.load(p_ptr + o, mask=msk, other=0.0).to(CT)
@@ -64,12 +70,7 @@ def _act_fwd_kernel(p_ptr, x_ptr, N, M, ACT: tl.constexpr, CT: tl.constexpr, BLO
 
 
 def _act_bwd_kernel(gx_ptr, p_ptr, x_ptr, g_ptr, N, M, ACT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    msk = offs < N
-    a = tl.load(p_ptr + offs, mask=msk, other=0.0).to(CT)
-    h, s1, s2 = _derivs(a, ACT)
-    tl.store(x_ptr + offs, h.to(x_ptr.dtype.element_ty), mask=msk)
+    offs, msk, s1, s2 = _primal_rows(p_ptr, x_ptr, N, ACT, CT, BLOCK)
     acc = tl.load(gx_ptr + offs, mask=msk, other=0.0).to(CT) * s1
     cross = tl.zeros([BLOCK], dtype=CT)
     for k in range(M):
@@ -91,6 +92,7 @@ def _load():
         g["tl"] = language
         g["_tanh"] = _math.jitted_tanh()
         g["_derivs"] = triton.jit(_derivs)
+        g["_primal_rows"] = triton.jit(_primal_rows)
         _state["fwd"] = triton.jit(_act_fwd_kernel)
         _state["bwd"] = triton.jit(_act_bwd_kernel)
     return _state["fwd"], _state["bwd"], tl

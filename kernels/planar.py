@@ -119,14 +119,10 @@ def _load():
     return _state["fwd"], _state["bwd"], tl
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def block_config(B: int, d: int):
     """(ROWS, BLOCK_D, num_warps): a [ROWS, BLOCK_D] tile of about TILE elements."""
-    block_d = _next_pow2(max(d, 1))
-    rows = max(1, min(max(TILE // block_d, 1), _next_pow2(max(B, 1))))
+    block_d = _math.next_pow2(max(d, 1))
+    rows = max(1, min(max(TILE // block_d, 1), _math.next_pow2(max(B, 1))))
     warps = max(1, min(8, (rows * block_d) // 256))
     return rows, block_d, warps
 
