@@ -516,35 +516,53 @@ void act_bwd(T* gX, const T* P, T* X, int64_t B, int64_t M, int64_t H, Act act, 
 // materialized A^T costs more than it saves).
 void accumulate_tn(at::Tensor acc, const at::Tensor& A, const at::Tensor& B) { acc.addmm_(A.t(), B); }
 
+// What the forward and the backward both derive from their arguments: checked, contiguous inputs, the
+// chunk plan (which holds the sizes) and the weight layouts the passes read.
+struct Prepared {
+  at::Tensor z, t, eps;  // eps undefined for the exact trace
+  Plan plan;
+  std::vector<at::Tensor> bc;  // contiguous biases
+  at::Tensor wzt;              // exact: row k is the first layer's tangent for the basis probe e_k
+  at::Tensor w0t, wl;          // small d: the first layer's input rows [z, t] as columns, the last weight as rows
+};
+
+Prepared prepare(const at::Tensor& z_in, const at::Tensor& t_in, at::TensorList weights, at::TensorList biases,
+                 const std::optional<at::Tensor>& eps_opt, c10::string_view activation) {
+  check(z_in, t_in, weights, biases, eps_opt);
+  const bool exact = !(eps_opt.has_value() && eps_opt->defined());
+  Prepared p;
+  p.z = z_in.contiguous();
+  p.t = t_in.contiguous();
+  p.eps = exact ? at::Tensor() : eps_opt->contiguous();
+  p.plan = make_plan(p.z, exact ? p.z.size(1) : eps_opt->size(0), exact, weights, parse_act(activation));
+  for (const auto& b : biases) p.bc.push_back(b.contiguous());
+  if (exact) p.wzt = weights[0].narrow(1, 0, p.plan.d).t().contiguous();
+  if (p.plan.small) {
+    p.w0t = weights[0].t().contiguous();
+    p.wl = weights[p.plan.L - 1].contiguous();
+  }
+  return p;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_fwd_cpu(const at::Tensor& z_in, const at::Tensor& t_in,
                                                                  at::TensorList weights, at::TensorList biases,
                                                                  const std::optional<at::Tensor>& eps_opt,
                                                                  c10::string_view activation) {
-  check(z_in, t_in, weights, biases, eps_opt);
-  const Act act = parse_act(activation);
-  const bool exact = !(eps_opt.has_value() && eps_opt->defined());
-  auto z = z_in.contiguous();
-  auto t = t_in.contiguous();
-  const int64_t B = z.size(0), d = z.size(1);
-  const int64_t m = exact ? d : eps_opt->size(0);
-  const int64_t L = static_cast<int64_t>(weights.size());
+  const Prepared in = prepare(z_in, t_in, weights, biases, eps_opt, activation);
+  const Plan& plan = in.plan;
+  const Act act = plan.act;
+  const bool exact = plan.exact;
+  const int64_t B = plan.B, d = plan.d, m = plan.m, L = plan.L;
+  const at::Tensor &z = in.z, &t = in.t, &eps = in.eps, &wzt = in.wzt, &w0t = in.w0t, &wl = in.wl;
+  const std::vector<at::Tensor>& bc = in.bc;
   auto acts = at::empty({acts_numel(B, m, exact, weights)}, z.options());
   auto f = at::empty({B, d}, z.options());
   auto tr = at::empty({B}, z.options());
   if (B == 0) return {f, tr, acts};
-  at::Tensor eps = exact ? at::Tensor() : eps_opt->contiguous();
-  const Plan plan = make_plan(z, m, exact, weights, act);
   const int64_t C = plan.C;
-  std::vector<at::Tensor> bc(L);
-  for (int64_t l = 0; l < L; ++l) bc[l] = biases[l].contiguous();
   Scratch xs(1, (1 + m) * C * plan.hmax, z.options()), fs(1, (1 + m) * C * d, z.options());
-  // exact: row k is the first layer's tangent for the basis probe e_k
-  const at::Tensor wzt = exact ? weights[0].narrow(1, 0, d).t().contiguous() : at::Tensor();
-  // small d: the first layer's input rows [z, t] as columns, the last weight as rows
-  const at::Tensor w0t = plan.small ? weights[0].t().contiguous() : at::Tensor();
-  const at::Tensor wl = plan.small ? weights[L - 1].contiguous() : at::Tensor();
   for_chunks(plan, [&](int64_t c) {
     const int64_t b0 = c * C, n = std::min(C, B - b0);
     at::Tensor scratch = xs.get(0);
@@ -606,19 +624,17 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     const at::Tensor& grad_f, const at::Tensor& grad_trace, const at::Tensor& z_in, const at::Tensor& t_in,
     at::TensorList weights, at::TensorList biases, const std::optional<at::Tensor>& eps_opt, const at::Tensor& acts,
     c10::string_view activation) {
-  check(z_in, t_in, weights, biases, eps_opt);
-  const Act act = parse_act(activation);
-  const bool exact = !(eps_opt.has_value() && eps_opt->defined());
-  auto z = z_in.contiguous();
-  auto t = t_in.contiguous();
-  const int64_t B = z.size(0), d = z.size(1);
-  const int64_t m = exact ? d : eps_opt->size(0);
-  const int64_t L = static_cast<int64_t>(weights.size());
+  const Prepared in = prepare(z_in, t_in, weights, biases, eps_opt, activation);
+  const Plan& plan = in.plan;
+  const Act act = plan.act;
+  const bool exact = plan.exact;
+  const int64_t B = plan.B, d = plan.d, m = plan.m, L = plan.L;
+  const at::Tensor &z = in.z, &t = in.t, &eps = in.eps, &wzt = in.wzt, &w0t = in.w0t, &wl = in.wl;
+  const std::vector<at::Tensor>& bc = in.bc;
   TORCH_CHECK_VALUE(acts.numel() == acts_numel(B, m, exact, weights), "flowops.mlp_trace_bwd: acts has ",
                     acts.numel(), " elements, expected ", acts_numel(B, m, exact, weights));
   TORCH_CHECK_VALUE(grad_f.numel() == B * d && grad_trace.numel() == B,
                     "flowops.mlp_trace_bwd: gradients must be [B, d] and [B]");
-  const Plan plan = make_plan(z, m, exact, weights, act);
   // Parallel chunks overwrite the gradients with their slots' sum below; otherwise chunks accumulate into them.
   std::vector<at::Tensor> gws(L), gbs(L);
   for (int64_t l = 0; l < L; ++l) {
@@ -630,7 +646,6 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   auto gz = at::empty({B, d}, z.options());
   auto gt = at::empty({B}, z.options());
   if (B == 0) return {gz, gt, gws, gbs};
-  at::Tensor eps = exact ? at::Tensor() : eps_opt->contiguous();
   auto gf = grad_f.to(z.scalar_type()).reshape({B, d}).contiguous();
   auto gtr = grad_trace.to(z.scalar_type()).reshape({B}).contiguous();
   auto actc = acts.contiguous();
@@ -664,11 +679,6 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   const double scale = exact ? 1.0 : 1.0 / static_cast<double>(m);
   const at::Tensor& w0 = weights[0];
   auto wz = w0.narrow(1, 0, d);
-  const at::Tensor wzt = exact ? wz.t().contiguous() : at::Tensor();
-  const at::Tensor w0t = plan.small ? w0.t().contiguous() : at::Tensor();
-  const at::Tensor wl = plan.small ? weights[L - 1].contiguous() : at::Tensor();
-  std::vector<at::Tensor> bc(L);
-  for (int64_t l = 0; l < L; ++l) bc[l] = biases[l].contiguous();
   for_chunks(plan, [&](int64_t c) {
     const int64_t b0 = c * C, n = std::min(C, B - b0);
     std::vector<at::Tensor> cw(L), cb(L);  // where this chunk's parameter gradients go
