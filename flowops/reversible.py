@@ -114,12 +114,21 @@ class _Block:
             return _grad([y, *ex, ld], [gy, *gextras, gld], xl if need_input_grad else None, params)
 
 
-def _grad(outs, gouts, x_leaf, params):
+def _autograd(outs, gouts, inputs):
+    """``autograd.grad`` of the outputs that have a gradient and are part of the graph, with respect to
+    ``inputs`` (None for an unused input); None when no output or no input takes part."""
     pairs = [(o, g) for o, g in zip(outs, gouts) if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
-    inputs = ([x_leaf] if x_leaf is not None else []) + list(params)
     if not pairs or not inputs:
+        return None
+    return list(torch.autograd.grad([o for o, _ in pairs], inputs, [g.to(o.dtype) for o, g in pairs],
+                                    allow_unused=True))
+
+
+def _grad(outs, gouts, x_leaf, params):
+    inputs = ([x_leaf] if x_leaf is not None else []) + list(params)
+    grads = _autograd(outs, gouts, inputs)
+    if grads is None:
         return None, [None] * len(params)
-    grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g.to(o.dtype) for o, g in pairs], allow_unused=True)
     if x_leaf is not None:
         gx, gp = grads[0], list(grads[1:])
         if gx is None:
@@ -174,12 +183,8 @@ class _CouplingBlock(_Block):
             with torch.enable_grad():
                 xt = xt.requires_grad_(need_input_grad)
                 yt2, ld = t._couple(xt, cond, False, None)
-                leaves = [xp, xt] if need_input_grad else []
-                gyt = gy[:, t._trans]
-                pairs = [(o, g) for o, g in ((yt2, gyt), (ld, gld)) if g is not None and o.requires_grad]
-                inputs = leaves + list(params)
-                grads = (torch.autograd.grad([o for o, _ in pairs], inputs, [g.to(o.dtype) for o, g in pairs],
-                                             allow_unused=True) if pairs and inputs else [None] * len(inputs))
+                inputs = ([xp, xt] if need_input_grad else []) + list(params)
+                grads = _autograd((yt2, ld), (gy[:, t._trans], gld), inputs) or [None] * len(inputs)
             x = torch.cat((yp, xt.detach()) if t._pass_first else (xt.detach(), yp), dim=1)
             if not need_input_grad:
                 return x, None, list(grads)
@@ -196,11 +201,8 @@ class _CouplingBlock(_Block):
         with torch.enable_grad():
             xl = x.requires_grad_(need_input_grad)
             y2, ld = t._couple(xl, cond, False, m)
-            leaves = [yc, xl] if need_input_grad else []
-            pairs = [(o, g) for o, g in ((y2, gy), (ld, gld)) if g is not None and o.requires_grad]
-            inputs = leaves + list(params)
-            grads = (torch.autograd.grad([o for o, _ in pairs], inputs, [g.to(o.dtype) for o, g in pairs],
-                                         allow_unused=True) if pairs and inputs else [None] * len(inputs))
+            inputs = ([yc, xl] if need_input_grad else []) + list(params)
+            grads = _autograd((y2, ld), (gy, gld), inputs) or [None] * len(inputs)
         if not need_input_grad:
             return x.detach(), None, list(grads)
         gx = grads[1] if grads[1] is not None else torch.zeros_like(x)
