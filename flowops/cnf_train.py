@@ -141,12 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not _check_args(args):
         return 2
     from . import data
-    from .train import History, _finish, evaluate_nll, lr_factor, make_optimizer, time_ratios
+    from .train import History, _finish, evaluate_nll, lr_factor, make_optimizer, num_threads, time_ratios
 
     clip = args.clip if args.clip > 0 else None
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with num_threads(args.threads):
         seed = args.seed
         train_x, heldout_x, sampler = data.moons_streams(args.noise, args.heldout, seed)
         std = data.Standardize.fit(train_x)
@@ -256,8 +254,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics["figure_s"] = time.perf_counter() - t0
             print(f"figure: {path}")
         return _finish(args.json, metrics, ok)
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 __all__ = ["main", "build_model"]

@@ -48,7 +48,7 @@ import time
 import torch
 
 from . import _backend
-from .train import SCHEDULES, History, _backend_name, _finish, lr_factor, make_optimizer, time_ratios
+from .train import SCHEDULES, History, _backend_name, _finish, lr_factor, make_optimizer, num_threads, time_ratios
 
 __all__ = ["DEFAULTS", "BatchOrder", "build_model", "heldout_bpd", "load_checkpoint", "main"]
 
@@ -347,15 +347,13 @@ def main(argv=None) -> int:
             return _usage_error(str(exc))
     else:
         rank, world, device = 0, 1, torch.device(args.device)
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     finished = False
     try:
-        rc = _run(args, cfg, ckpt, temps, rank, world, device)
+        with num_threads(args.threads):
+            rc = _run(args, cfg, ckpt, temps, rank, world, device)
         finished = True
         return rc
     finally:
-        torch.set_num_threads(old_threads)
         if args.distributed:
             import torch.distributed as dist
 

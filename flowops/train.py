@@ -101,6 +101,18 @@ def _backend_name(backend: str | None, device) -> str:
 SCHEDULES = ("constant", "cosine")
 
 
+@contextlib.contextmanager
+def num_threads(n: int | None):
+    """Run the block with ``torch.set_num_threads(n)`` (unchanged for None or 0), then restore the count."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def lr_factor(schedule: str, step: int, steps: int) -> float:
     """The learning-rate multiplier at ``step`` of ``steps``: 1, or a cosine from 1 down to 0."""
     if schedule == "constant":
@@ -327,9 +339,7 @@ def _moons(args) -> int:
                                                                  "threads")}, args.lr):
         return 2
     clip = args.clip if args.clip > 0 else None
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with num_threads(args.threads):
         # Independent streams: training batches, the reference sample (standardization + the data
         # panel of the figure), and the held-out sample.
         seed = args.seed
@@ -391,8 +401,6 @@ def _moons(args) -> int:
             metrics["history"] = {key: {"nll": h.nll, "grad_norm": h.grad_norm}
                                   for key, h in zip(("fused", "reference"), histories)}
         return _finish(args.json, metrics, ok)
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 MAF_DATA = ("moons", "breast_cancer")
@@ -460,9 +468,7 @@ def _maf(rest) -> int:
                                  "threads": args.threads}, args.lr):
         return 2
     clip = args.clip if args.clip > 0 else None
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with num_threads(args.threads):
         seed = args.seed
         if moons_data:
             train_x, heldout_x, sampler = data.moons_streams(0.05, args.heldout, seed)
@@ -535,8 +541,6 @@ def _maf(rest) -> int:
             ref = histories[1]
             ok = _report_comparison(fused, ref, metrics) and ok
         return _finish(args.json, metrics, ok)
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -463,10 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.lr > 0:
         print(f"flowops train vi: --lr must be positive, got {args.lr}", file=sys.stderr)
         return 2
-    old_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    from .train import num_threads
+
+    with num_threads(args.threads):
         torch.manual_seed(args.seed)
         target = make_target(args.target)
         flow = build_vi_flow(args.flow, target.dim, args.layers, args.hidden)
@@ -496,8 +495,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("error: the final ELBO is not finite (training diverged)", file=sys.stderr)
             return 1
         return 0
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 if __name__ == "__main__":

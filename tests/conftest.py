@@ -11,3 +11,12 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny matrices: on a busy machine more threads only add contention)."""
+    from flowops.train import num_threads
+
+    with num_threads(1):
+        yield

@@ -14,6 +14,7 @@ import torch
 
 import flowops
 from flowops import _backend, ops, reference
+from flowops.train import num_threads
 
 BACKENDS = ["reference"] + (["cpp"] if _backend.has_cpp() else [])
 SCALES = ["exp", "softclamp", "sigmoid"]
@@ -560,12 +561,8 @@ def test_deterministic(backend, kind, shape):
 
     first = once()
     second = once()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with num_threads(1):
         single = once()
-    finally:
-        torch.set_num_threads(threads)
     for a, b, c in zip(first, second, single):
         assert torch.equal(a, b)
         assert torch.equal(a, c)

@@ -13,12 +13,7 @@ from flowops.nn.preprocess import discrete_bits_per_dim
 TINY = ["--levels", "2", "--flow-steps", "1", "--hidden", "8", "--batch", "16", "--quiet", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(tmp_path, name, *extra):

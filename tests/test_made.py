@@ -5,6 +5,7 @@ import torch
 import flowops
 from flowops import reference
 from flowops.nn import IAF, MADE, MAF
+from flowops.train import num_threads
 from flowops.ops.made_inverse import _has_cpp_solve, degree_ends
 
 HAS_CPP = _has_cpp_solve()
@@ -98,12 +99,8 @@ def test_cpp_inverse_multiple_tiles_and_threads():
     z = torch.randn(301, 9)
     with torch.no_grad():
         a, la = layer.inverse(z, method="cpp")
-        old = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with num_threads(1):
             b, lb = layer.inverse(z, method="cpp")
-        finally:
-            torch.set_num_threads(old)
         r, lr = layer.inverse(z, method="reference")
     assert torch.equal(a, b) and torch.equal(la, lb)
     torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)

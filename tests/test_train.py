@@ -9,13 +9,7 @@ import flowops
 from flowops import data, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These matrices are tiny: on a busy machine, intra-op threads only add contention.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_moons_shape_dtype_and_seed():
