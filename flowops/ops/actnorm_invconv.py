@@ -25,6 +25,7 @@ import torch
 from .. import _backend
 from ..reference import actnorm_invconv as _ref
 from . import _library  # defines the flowops namespace first; shared registration
+from ._checks import check_like, check_tensors
 
 SCHEMAS = {
     "actnorm_invconv_fwd": "(Tensor x, Tensor log_scale, Tensor bias, Tensor weight, Tensor w_logdet, bool inverse) "
@@ -168,9 +169,7 @@ class _TritonActnormInvconv(torch.autograd.Function):
 
 def _check(x, log_scale, bias, weight, w_logdet):
     name = "actnorm_invconv"
-    for arg, t in (("x", x), ("log_scale", log_scale), ("bias", bias), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors(name, x=x, log_scale=log_scale, bias=bias, weight=weight)
     if x.dtype not in _FLOATS:
         raise TypeError(f"{name}: x must be a floating tensor (float16, bfloat16, float32, float64), got {x.dtype}")
     if x.dim() < 2:
@@ -186,11 +185,8 @@ def _check(x, log_scale, bias, weight, w_logdet):
         if w_logdet.numel() != 1:
             raise ValueError(f"{name}: w_logdet must hold one value (log|det W|), got shape {tuple(w_logdet.shape)}")
         tensors.append(("w_logdet", w_logdet, None))
+    check_like(name, "x", x, **{arg: t for arg, t, _ in tensors})
     for arg, t, shape in tensors:
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: {arg} dtype must match x ({x.dtype}), got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: {arg} must be on x's device ({x.device}), got {t.device}")
         if shape is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name}: {arg} must have shape {shape} for x with {c} channels, got {tuple(t.shape)}")
 

@@ -28,6 +28,7 @@ import torch
 
 from .. import _backend
 from .. import reference
+from ._checks import check_tensors
 
 BLOCK = 128  # output rows per staircase block on CPU (forward), input columns per grad_x block
 GW_BLOCK = 256  # input columns per grad_weight block on CPU
@@ -322,9 +323,7 @@ class _MaskedLinearEager(torch.autograd.Function):
 
 def _check(x, weight, bias, in_degrees, out_degrees):
     name = "masked_linear"
-    for arg, val in (("x", x), ("weight", weight), ("in_degrees", in_degrees), ("out_degrees", out_degrees)):
-        if not isinstance(val, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(val).__name__}")
+    check_tensors(name, x=x, weight=weight, in_degrees=in_degrees, out_degrees=out_degrees)
     if x.dtype not in _FLOATS:
         raise TypeError(f"{name}: x must be a floating tensor, got {x.dtype}")
     if weight.dtype != x.dtype:

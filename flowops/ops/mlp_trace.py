@@ -32,6 +32,7 @@ import torch
 from .. import _backend
 from ..reference import cnf as _ref
 from . import _library  # defines the flowops namespace first; shared registration
+from ._checks import check_like, check_tensors
 
 ACTIVATIONS = ("tanh", "softplus", "silu")
 SCHEMAS = {
@@ -342,13 +343,9 @@ def _check(z, t, weights, biases, activation, eps):
                          f"{len(biases)} biases")
     width = d + 1
     for i, (w, b) in enumerate(zip(weights, biases)):
-        for arg, p in ((f"weights[{i}]", w), (f"biases[{i}]", b)):
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(p).__name__}")
-            if p.dtype != z.dtype:
-                raise TypeError(f"{name}: {arg} dtype must match z ({z.dtype}), got {p.dtype}")
-            if p.device != z.device:
-                raise ValueError(f"{name}: {arg} must be on z's device ({z.device}), got {p.device}")
+        layer = {f"weights[{i}]": w, f"biases[{i}]": b}
+        check_tensors(name, **layer)
+        check_like(name, "z", z, **layer)
         if w.dim() != 2 or w.shape[1] != width:
             raise ValueError(f"{name}: weights[{i}] must be [out, {width}]"
                              f"{' (the features plus the time column)' if i == 0 else ''}, got {tuple(w.shape)}")

@@ -18,6 +18,7 @@ import torch
 from .. import _backend
 from .. import reference
 from . import _library  # defines the flowops namespace first; shared registration
+from ._checks import check_like, check_tensors
 
 SCHEMAS = {
     "planar_stack_fwd": "(Tensor z, Tensor w, Tensor u_hat, Tensor b) -> (Tensor, Tensor)",
@@ -139,16 +140,10 @@ class _TritonPlanar(torch.autograd.Function):
 
 def _check(z, w, u_hat, b):
     name = "planar_stack"
-    for arg, t in (("z", z), ("w", w), ("u_hat", u_hat), ("b", b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors(name, z=z, w=w, u_hat=u_hat, b=b)
     if z.dtype not in _FLOATS:
         raise TypeError(f"{name}: z must be a floating tensor (float16, bfloat16, float32, float64), got {z.dtype}")
-    for arg, t in (("w", w), ("u_hat", u_hat), ("b", b)):
-        if t.dtype != z.dtype:
-            raise TypeError(f"{name}: {arg} dtype must match z ({z.dtype}), got {t.dtype}")
-        if t.device != z.device:
-            raise ValueError(f"{name}: {arg} must be on z's device ({z.device}), got {t.device}")
+    check_like(name, "z", z, w=w, u_hat=u_hat, b=b)
     if z.dim() != 2:
         raise ValueError(f"{name}: z must be [batch, features], got shape {tuple(z.shape)}")
     d = z.shape[1]
