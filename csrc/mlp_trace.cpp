@@ -26,6 +26,10 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#if __has_include(<ATen/native/CPUBlas.h>) && __has_include(<oneapi/dnnl/dnnl_ukernel.hpp>)
+#include <ATen/native/CPUBlas.h>  // oneDNN's brgemm micro-kernel (float), where this torch has it
+#endif
+
 #include <algorithm>
 #include <cstdlib>
 #include <type_traits>
@@ -512,9 +516,97 @@ void act_bwd(T* gX, const T* P, T* X, int64_t B, int64_t M, int64_t H, Act act, 
   });
 }
 
+// C = A B for row-major A [M, K], B [K, N] and C [M, N], single-threaded: float through oneDNN's brgemm
+// micro-kernel where this torch exposes it (about 1.2x MKL's sgemm at the narrow fields' shapes, and no
+// operator dispatch per call), else at::mm_out.
+void gemm_nn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  if (C.scalar_type() == at::kFloat && A.is_contiguous() && B.is_contiguous() && C.is_contiguous()) {
+    const int64_t M = A.size(0), K = A.size(1), N = B.size(1);
+    at::native::cpublas::brgemm(M, N, K, K, N, N, false, A.const_data_ptr<float>(), B.const_data_ptr<float>(),
+                                C.mutable_data_ptr<float>(), false);
+    return;
+  }
+#endif
+  at::mm_out(C, A, B);
+}
+
 // acc += A^T B for row-stacked A [K, M], B [K, N] (MKL takes the transposed operand directly; a
 // materialized A^T costs more than it saves).
 void accumulate_tn(at::Tensor acc, const at::Tensor& A, const at::Tensor& B) { acc.addmm_(A.t(), B); }
+
+// The top of the backward for chunk [b0, b0 + n): G = [grad_f; the trace's gradient on the stacked last-layer
+// tangent rows] ([(1 + m) n, d]): scale * grad_tr * eps for Hutchinson, grad_tr on the basis rows' diagonal.
+void top_grad(at::Tensor G, const at::Tensor& gf, const at::Tensor& gtr, const at::Tensor& eps, bool exact,
+              double scale, int64_t b0, int64_t n, int64_t m, int64_t d) {
+  G.narrow(0, 0, n).copy_(gf.narrow(0, b0, n));
+  auto Gd = G.narrow(0, n, m * n).view({m, n, d});
+  auto gtc = gtr.narrow(0, b0, n);
+  if (exact) {
+    Gd.zero_();
+    Gd.diagonal(0, 0, 2).copy_(gtc.unsqueeze(1).expand({n, d}));
+  } else {
+    at::mul_out(Gd, eps.narrow(1, b0, n), gtc.mul(scale).view({1, n, 1}));
+  }
+}
+
+// f and the trace of chunk [b0, b0 + n) from its stacked last-layer outputs F ([(1 + m) n, d], no bias yet).
+void outputs_from_last(const at::Tensor& F, const at::Tensor& bias, const at::Tensor& eps, bool exact, int64_t b0,
+                       int64_t n, int64_t m, int64_t d, at::Tensor& f, at::Tensor& tr) {
+  auto fc = f.narrow(0, b0, n);
+  at::add_out(fc, F.narrow(0, 0, n), bias);
+  auto Fd = F.narrow(0, n, m * n).view({m, n, d});
+  auto trc = tr.narrow(0, b0, n);
+  if (exact) {
+    at::sum_out(trc, Fd.diagonal(0, 0, 2), {1});
+  } else {
+    at::sum_out(trc, Fd * eps.narrow(1, b0, n), {0, 2});
+    trc.mul_(1.0 / static_cast<double>(m));
+  }
+}
+
+void tn_into(at::Tensor out, const at::Tensor& A, const at::Tensor& B, bool fresh) {  // out (+)= A^T B
+  if (fresh) {
+    at::mm_out(out, A.t(), B);
+  } else {
+    accumulate_tn(out, A, B);
+  }
+}
+
+void colsum_into(at::Tensor out, const at::Tensor& A, bool fresh) {  // out (+)= A.sum(0)
+  if (fresh) {
+    at::sum_out(out, A, {0});
+  } else {
+    out.add_(A.sum(0));
+  }
+}
+
+// The first layer's gradients from chunk [b0, b0 + n)'s first-hidden-layer pre-activation gradient G
+// ([(1 + m) n, H0]): into gw0 [H0, d + 1] / gb0 (written when `fresh`, else accumulated), dz and dt of the chunk.
+void first_layer_grads(const at::Tensor& G, const at::Tensor& z, const at::Tensor& t, const at::Tensor& eps,
+                       const at::Tensor& w0, bool exact, int64_t b0, int64_t n, int64_t m, int64_t d, at::Tensor gw0,
+                       at::Tensor gb0, at::Tensor& gz, at::Tensor& gt, bool fresh) {
+  auto ga = G.narrow(0, 0, n);
+  auto gAd = G.narrow(0, n, m * n);
+  auto gw0z = gw0.narrow(1, 0, d);
+  tn_into(gw0z, ga, z.narrow(0, b0, n), fresh);
+  if (exact) {
+    gw0z.add_(gAd.view({d, n, -1}).sum(1).t());
+  } else {
+    accumulate_tn(gw0z, gAd, eps.narrow(1, b0, n).reshape({m * n, d}));
+  }
+  auto gw0t = gw0.select(1, d);
+  if (fresh) {
+    at::mv_out(gw0t, ga.t(), t.narrow(0, b0, n));
+  } else {
+    gw0t.addmv_(ga.t(), t.narrow(0, b0, n));
+  }
+  colsum_into(gb0, ga, fresh);
+  auto gzc = gz.narrow(0, b0, n);
+  auto gtc = gt.narrow(0, b0, n);
+  at::mm_out(gzc, ga, w0.narrow(1, 0, d));
+  at::mv_out(gtc, ga, w0.select(1, d));
+}
 
 // What the forward and the backward both derive from their arguments: checked, contiguous inputs, the
 // chunk plan (which holds the sizes) and the weight layouts the passes read.
@@ -524,6 +616,7 @@ struct Prepared {
   std::vector<at::Tensor> bc;  // contiguous biases
   at::Tensor wzt;              // exact: row k is the first layer's tangent for the basis probe e_k
   at::Tensor w0t, wl;          // small d: the first layer's input rows [z, t] as columns, the last weight as rows
+  std::vector<at::Tensor> wt, wc;  // small d: each weight transposed ([in, out]) and as is, contiguous (for gemm_nn)
 };
 
 Prepared prepare(const at::Tensor& z_in, const at::Tensor& t_in, at::TensorList weights, at::TensorList biases,
@@ -540,6 +633,10 @@ Prepared prepare(const at::Tensor& z_in, const at::Tensor& t_in, at::TensorList 
   if (p.plan.small) {
     p.w0t = weights[0].t().contiguous();
     p.wl = weights[p.plan.L - 1].contiguous();
+    for (const auto& w : weights) {
+      p.wt.push_back(w.t().contiguous());
+      p.wc.push_back(w.contiguous());
+    }
   }
   return p;
 }
@@ -573,7 +670,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_fwd_cpu(const at::Tenso
         for (int64_t l = 0; l + 1 < L; ++l) {
           const int64_t H = weights[l].size(0), rows = stored_rows(l, m, exact);
           at::Tensor P = acts.narrow(0, plan.base[l] + rows * b0 * H, rows * n * H).view({rows * n, H});
-          if (l > 0) at::mm_out(P, X, weights[l].t());
+          if (l > 0) gemm_nn(P, X, in.wt[l]);
           X = scratch.narrow(0, 0, (1 + m) * n * H).view({(1 + m) * n, H});
           fwd_small<scalar_t>(l == 0, l + 2 == L, P.mutable_data_ptr<scalar_t>(), X.mutable_data_ptr<scalar_t>(), n, H,
                               act, l == 0 ? nullptr : bc[l].const_data_ptr<scalar_t>(),
@@ -604,16 +701,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_fwd_cpu(const at::Tenso
                             l == 0 && exact ? wzt.const_data_ptr<scalar_t>() : nullptr);
         });
       } else {
-        auto fc = f.narrow(0, b0, n);
-        at::add_out(fc, P.narrow(0, 0, n), bc[l]);
-        auto Fd = P.narrow(0, n, m * n).view({m, n, d});
-        auto trc = tr.narrow(0, b0, n);
-        if (exact) {
-          at::sum_out(trc, Fd.diagonal(0, 0, 2), {1});
-        } else {
-          at::sum_out(trc, Fd * eps.narrow(1, b0, n), {0, 2});
-          trc.mul_(1.0 / static_cast<double>(m));
-        }
+        outputs_from_last(P, bc[l], eps, exact, b0, n, m, d, f, tr);
       }
     }
   });
@@ -660,25 +748,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   // Each chunk's slot is written (not accumulated) once per gradient, so it needs no zero fill.
   at::Tensor slots = plan.parallel ? at::empty({plan.chunks, gtotal}, z.options()) : at::Tensor();
   const bool fresh = plan.parallel;
-  auto tn = [fresh](at::Tensor out, const at::Tensor& A, const at::Tensor& Bm) {  // out (+)= A^T B
-    if (fresh) {
-      at::mm_out(out, A.t(), Bm);
-    } else {
-      accumulate_tn(out, A, Bm);
-    }
-  };
-  auto colsum = [fresh](at::Tensor out, const at::Tensor& A) {  // out (+)= A.sum(0)
-    if (fresh) {
-      at::sum_out(out, A, {0});
-    } else {
-      out.add_(A.sum(0));
-    }
-  };
   const int64_t cap = (1 + m) * C * std::max(plan.hmax, d);
   Scratch bufs(3, cap, z.options());
   const double scale = exact ? 1.0 : 1.0 / static_cast<double>(m);
   const at::Tensor& w0 = weights[0];
-  auto wz = w0.narrow(1, 0, d);
   for_chunks(plan, [&](int64_t c) {
     const int64_t b0 = c * C, n = std::min(C, B - b0);
     std::vector<at::Tensor> cw(L), cb(L);  // where this chunk's parameter gradients go
@@ -707,7 +780,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
           at::Tensor gX, X;
           if (!top) {
             gX = spare.narrow(0, 0, (1 + m) * n * H).view({(1 + m) * n, H});
-            at::mm_out(gX, G, weights[l + 1]);
+            gemm_nn(gX, G, in.wc[l + 1]);
             X = xbuf.narrow(0, 0, (1 + m) * n * H).view({(1 + m) * n, H});
           }
           bwd_small<scalar_t>(top, bottom, top ? nullptr : gX.mutable_data_ptr<scalar_t>(), P,
@@ -717,8 +790,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
                               gwl.data(), gw0.data(), gb0.data(), gz.mutable_data_ptr<scalar_t>(),
                               gt.mutable_data_ptr<scalar_t>());
           if (!top) {
-            tn(cw[l + 1], G, X);
-            colsum(cb[l + 1], G.narrow(0, 0, n));
+            tn_into(cw[l + 1], G, X, fresh);
+            colsum_into(cb[l + 1], G.narrow(0, 0, n), fresh);
             std::swap(buf_a, spare);
             G = gX;
           }
@@ -744,15 +817,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
       return;
     }
     at::Tensor G = buf_a.narrow(0, 0, (1 + m) * n * d).view({(1 + m) * n, d});
-    G.narrow(0, 0, n).copy_(gf.narrow(0, b0, n));
-    auto Gd = G.narrow(0, n, m * n).view({m, n, d});
-    auto gtc = gtr.narrow(0, b0, n);
-    if (exact) {
-      Gd.zero_();
-      Gd.diagonal(0, 0, 2).copy_(gtc.unsqueeze(1).expand({n, d}));
-    } else {
-      at::mul_out(Gd, eps.narrow(1, b0, n), gtc.mul(scale).view({1, n, 1}));
-    }
+    top_grad(G, gf, gtr, eps, exact, scale, b0, n, m, d);
     for (int64_t l = L - 1; l >= 1; --l) {
       const at::Tensor& w = weights[l];
       const int64_t Hp = weights[l - 1].size(0);
@@ -765,32 +830,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
         act_bwd<scalar_t>(gX.mutable_data_ptr<scalar_t>(), P.const_data_ptr<scalar_t>(), X.mutable_data_ptr<scalar_t>(),
                           n, m, Hp, act, l == 1 && exact ? wzt.const_data_ptr<scalar_t>() : nullptr);
       });
-      tn(cw[l], G, X);
-      colsum(cb[l], G.narrow(0, 0, n));
+      tn_into(cw[l], G, X, fresh);
+      colsum_into(cb[l], G.narrow(0, 0, n), fresh);
       std::swap(buf_a, spare);  // G's buffer becomes the spare; gX (in `spare` until now) is the new G
       G = gX;
     }
-    auto ga = G.narrow(0, 0, n);
-    auto gAd = G.narrow(0, n, m * n);
-    auto zc = z.narrow(0, b0, n);
-    auto gw0z = cw[0].narrow(1, 0, d);
-    tn(gw0z, ga, zc);
-    if (exact) {
-      gw0z.add_(gAd.view({d, n, -1}).sum(1).t());
-    } else {
-      accumulate_tn(gw0z, gAd, eps.narrow(1, b0, n).reshape({m * n, d}));
-    }
-    auto gw0t = cw[0].select(1, d);
-    if (fresh) {
-      at::mv_out(gw0t, ga.t(), t.narrow(0, b0, n));
-    } else {
-      gw0t.addmv_(ga.t(), t.narrow(0, b0, n));
-    }
-    colsum(cb[0], ga);
-    auto gzc = gz.narrow(0, b0, n);
-    auto gtc2 = gt.narrow(0, b0, n);
-    at::mm_out(gzc, ga, wz);
-    at::mv_out(gtc2, ga, w0.select(1, d));
+    first_layer_grads(G, z, t, eps, w0, exact, b0, n, m, d, cw[0], cb[0], gz, gt, fresh);
   });
   if (plan.parallel) {
     auto total = slots.select(0, 0).clone();  // summed in chunk order: independent of the thread count
