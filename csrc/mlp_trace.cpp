@@ -24,6 +24,7 @@
 #include <ATen/ThreadLocalState.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #if __has_include(<ATen/native/CPUBlas.h>) && __has_include(<oneapi/dnnl/dnnl_ukernel.hpp>)
@@ -641,13 +642,7 @@ Prepared prepare(const at::Tensor& z_in, const at::Tensor& t_in, at::TensorList 
   return p;
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_fwd_cpu(const at::Tensor& z_in, const at::Tensor& t_in,
-                                                                 at::TensorList weights, at::TensorList biases,
-                                                                 const std::optional<at::Tensor>& eps_opt,
-                                                                 c10::string_view activation) {
-  const Prepared in = prepare(z_in, t_in, weights, biases, eps_opt, activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_prepared(const Prepared& in, at::TensorList weights) {
   const Plan& plan = in.plan;
   const Act act = plan.act;
   const bool exact = plan.exact;
@@ -706,6 +701,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_fwd_cpu(const at::Tenso
     }
   });
   return {f, tr, acts};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_fwd_cpu(const at::Tensor& z, const at::Tensor& t,
+                                                                 at::TensorList weights, at::TensorList biases,
+                                                                 const std::optional<at::Tensor>& eps,
+                                                                 c10::string_view activation) {
+  return fwd_prepared(prepare(z, t, weights, biases, eps, activation), weights);
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_trace_bwd_cpu(
@@ -850,6 +854,159 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
 
 namespace {
 
+// ---- the eager node's path for wide fields (widest hidden layer > kChunkParallelMaxWidth) ---------------
+// Layer by layer over the whole batch (rows chunk-major as above, so every GEMM is one call over all
+// rows), keeping for each hidden layer its output X = [sigma(a); sigma'(a) a_dot] (the next GEMM's input
+// and the weight gradient's operand, so the backward recomputes nothing) and, for SiLU only, the
+// pre-activations [a; a_dot] as well (its sigma' has zeros, so a_dot cannot be recovered from X). tanh and
+// softplus get sigma', and sigma'' a_dot as a multiple of the stored tangent, from sigma(a) alone:
+//   tanh:     sigma' = 1 - h^2,      sigma'' a_dot = -2 h x_dot
+//   softplus: sigma' = -expm1(-h),   sigma'' a_dot = exp(-h) x_dot
+// The backward walks the layers top down: the weight gradient (one GEMM over all rows), then per chunk the
+// input gradient and the pass that turns it into the pre-activation gradient, written over the layer's
+// stored buffer when the graph is not retained, whose memory is released as soon as the layer below is done.
+// The peak is then the stored outputs plus the parameter gradients and one chunk of scratch, not both
+// streams' saved state, scratch and gradients at once.
+
+struct WideSaved {
+  std::vector<at::Tensor> X, pre;  // per hidden layer [(1 + m) B, H]; pre only for SiLU
+};
+
+// G (pre-activation gradient) from the input gradient gX of one chunk; `src` is the layer's X (tanh,
+// softplus) or its pre-activations (SiLU). G may alias src (each position is read before it is written).
+template <typename T>
+void act_bwd_stored(const T* gX, const T* src, T* G, int64_t n, int64_t M, int64_t H, Act act) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t N = n * H;
+  at::parallel_for(0, n, row_grain(M, H), [&](int64_t r0, int64_t r1) {
+    for (int64_t b = r0; b < r1; ++b) {
+      for (int64_t j = 0; j < H; j += V) {
+        const int64_t nn = std::min<int64_t>(V, H - j);
+        const int64_t o = b * H + j;
+        const Vec v = Vec::loadu(src + o, nn);
+        Vec s1, c;  // sigma'(a), and what multiplies sum_k gX_k * stored_k to give sigma''(a) sum_k gX_k a_dot_k
+        if (act == Act::TANH) {
+          s1 = Vec(T(1)) - v * v;
+          c = Vec(T(-2)) * v;
+        } else if (act == Act::SOFTPLUS) {
+          s1 = v.neg().expm1().neg();
+          c = v.neg().exp();
+        } else {
+          Vec h;
+          derivs(v, act, h, s1, c);
+        }
+        Vec cross(T(0));
+        for (int64_t k = 1; k <= M; ++k) {
+          const int64_t ok = k * N + o;
+          const Vec g = Vec::loadu(gX + ok, nn);
+          cross = at::vec::fmadd(g, Vec::loadu(src + ok, nn), cross);
+          (s1 * g).store(G + ok, nn);
+        }
+        at::vec::fmadd(Vec::loadu(gX + o, nn), s1, c * cross).store(G + o, nn);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> wide_fwd(const Prepared& in, at::TensorList weights, WideSaved& saved) {
+  const Plan& p = in.plan;
+  const int64_t B = p.B, d = p.d, m = p.m, L = p.L, C = p.C, R = 1 + m;
+  const bool keep_pre = p.act == Act::SILU;
+  const auto opts = in.z.options();
+  auto f = at::empty({B, d}, opts);
+  auto tr = at::empty({B}, opts);
+  at::Tensor prev;
+  for (int64_t l = 0; l + 1 < L; ++l) {
+    const int64_t H = weights[l].size(0);
+    at::Tensor P = at::empty({R * B, H}, opts);
+    if (l > 0) at::mm_out(P, prev, weights[l].t());
+    at::Tensor X = keep_pre ? at::empty_like(P) : P;  // tanh / softplus: the pass turns P into X in place
+    for (int64_t b0 = 0; b0 < B; b0 += C) {
+      const int64_t n = std::min(C, B - b0);
+      at::Tensor Pc = P.narrow(0, R * b0, R * n), Xc = X.narrow(0, R * b0, R * n);
+      if (l == 0) {
+        first_layer(Pc, in.z, in.t, weights[0], in.bc[0], in.eps, p.exact, b0, n, d, m);
+        if (p.exact && keep_pre) Pc.narrow(0, n, m * n).view({m, n, H}).copy_(in.wzt.unsqueeze(1).expand({m, n, H}));
+      }
+      AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "mlp_trace_wide_fwd", [&] {
+        act_fwd<scalar_t>(Pc.mutable_data_ptr<scalar_t>(), Xc.mutable_data_ptr<scalar_t>(), n, m, H, p.act,
+                          l == 0 ? nullptr : in.bc[l].const_data_ptr<scalar_t>(),
+                          l == 0 && p.exact ? in.wzt.const_data_ptr<scalar_t>() : nullptr);
+      });
+    }
+    saved.X.push_back(X);
+    if (keep_pre) saved.pre.push_back(P);
+    prev = X;
+  }
+  const at::Tensor F = at::mm(prev, weights[L - 1].t());
+  for (int64_t b0 = 0; b0 < B; b0 += C) {
+    const int64_t n = std::min(C, B - b0);
+    outputs_from_last(F.narrow(0, R * b0, R * n), in.bc[L - 1], in.eps, p.exact, b0, n, m, d, f, tr);
+  }
+  return {f, tr};
+}
+
+// `consume`: the saved buffers may be overwritten and are released as the walk passes them.
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> wide_bwd(
+    const at::Tensor& grad_f, const at::Tensor& grad_trace, const Prepared& in, at::TensorList weights,
+    at::TensorList biases, WideSaved& saved, bool consume) {
+  const Plan& p = in.plan;
+  const int64_t B = p.B, d = p.d, m = p.m, L = p.L, C = p.C, R = 1 + m;
+  const bool keep_pre = p.act == Act::SILU;
+  const auto opts = in.z.options();
+  const double scale = p.exact ? 1.0 : 1.0 / static_cast<double>(m);
+  auto gf = grad_f.to(in.z.scalar_type()).reshape({B, d}).contiguous();
+  auto gtr = grad_trace.to(in.z.scalar_type()).reshape({B}).contiguous();
+  std::vector<at::Tensor> gws(L), gbs(L);
+  at::Tensor G = at::empty({R * B, d}, opts);
+  for (int64_t b0 = 0; b0 < B; b0 += C) {
+    const int64_t n = std::min(C, B - b0);
+    top_grad(G.narrow(0, R * b0, R * n), gf, gtr, in.eps, p.exact, scale, b0, n, m, d);
+  }
+  at::Tensor scratch = at::empty({R * std::min(C, B) * p.hmax}, opts);
+  for (int64_t l = L - 1; l >= 1; --l) {  // weight l maps hidden layer l - 1 onwards
+    const int64_t Hp = weights[l - 1].size(0);
+    at::Tensor X = saved.X[l - 1];
+    gws[l] = at::mm(G.t(), X);
+    gbs[l] = at::zeros_like(biases[l], at::MemoryFormat::Contiguous);
+    at::Tensor src = keep_pre ? saved.pre[l - 1] : X;
+    at::Tensor Gn = consume ? src : at::empty_like(src);
+    if (consume) {  // X's last reader was the weight gradient above (SiLU: the pass reads pre)
+      X.reset();
+      if (keep_pre) saved.X[l - 1].reset();
+    }
+    for (int64_t b0 = 0; b0 < B; b0 += C) {
+      const int64_t n = std::min(C, B - b0);
+      at::Tensor Gc = G.narrow(0, R * b0, R * n);
+      gbs[l].add_(Gc.narrow(0, 0, n).sum(0));
+      at::Tensor gX = scratch.narrow(0, 0, R * n * Hp).view({R * n, Hp});
+      at::mm_out(gX, Gc, weights[l]);
+      AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "mlp_trace_wide_bwd", [&] {
+        act_bwd_stored<scalar_t>(gX.const_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>() + R * b0 * Hp,
+                                 Gn.mutable_data_ptr<scalar_t>() + R * b0 * Hp, n, m, Hp, p.act);
+      });
+    }
+    G = Gn;
+    if (consume && l < L - 1) {  // the layer above's buffers held the G just used
+      saved.X[l].reset();
+      if (keep_pre) saved.pre[l].reset();
+    }
+  }
+  gws[0] = at::zeros_like(weights[0], at::MemoryFormat::Contiguous);
+  gbs[0] = at::zeros_like(biases[0], at::MemoryFormat::Contiguous);
+  auto gz = at::empty({B, d}, opts);
+  auto gt = at::empty({B}, opts);
+  for (int64_t b0 = 0; b0 < B; b0 += C) {
+    const int64_t n = std::min(C, B - b0);
+    first_layer_grads(G.narrow(0, R * b0, R * n), in.z, in.t, in.eps, weights[0], p.exact, b0, n, m, d, gws[0],
+                      gbs[0], gz, gt, false);
+  }
+  return {gz, gt, gws, gbs};
+}
+
+bool use_wide(const Plan& p) { return !p.small && !p.parallel && p.B > 0; }
+
 // Eager fast path: the autograd node lives in C++.
 class MLPTraceFn : public torch::autograd::Function<MLPTraceFn> {
  public:
@@ -857,7 +1014,18 @@ class MLPTraceFn : public torch::autograd::Function<MLPTraceFn> {
                                at::TensorList biases, const std::optional<at::Tensor>& eps,
                                c10::string_view activation) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [f, tr, acts] = mlp_trace_fwd_cpu(z, t, weights, biases, eps, activation);
+    const Prepared in = prepare(z, t, weights, biases, eps, activation);
+    at::Tensor f, tr, acts;
+    if (use_wide(in.plan)) {
+      WideSaved wide;
+      std::tie(f, tr) = wide_fwd(in, weights, wide);
+      // private buffers of this node (never handed out), kept out of save_for_backward so that the backward
+      // can release them layer by layer
+      ctx->saved_data["wide_X"] = c10::List<at::Tensor>(wide.X);
+      ctx->saved_data["wide_pre"] = c10::List<at::Tensor>(wide.pre);
+    } else {
+      std::tie(f, tr, acts) = fwd_prepared(in, weights);
+    }
     const bool has_eps = eps.has_value() && eps->defined();
     std::vector<at::Tensor> saved{z, t, acts, has_eps ? *eps : at::Tensor()};
     saved.insert(saved.end(), weights.begin(), weights.end());
@@ -882,7 +1050,24 @@ class MLPTraceFn : public torch::autograd::Function<MLPTraceFn> {
     auto gf = grads[0].defined() ? grads[0] : at::zeros_like(z);
     auto gt = grads[1].defined() ? grads[1] : at::zeros({z.size(0)}, z.options());
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [gz, gtime, gws, gbs] = mlp_trace_bwd_cpu(gf, gt, z, s[1], weights, biases, eps, s[2], activation);
+    at::Tensor gz, gtime;
+    std::vector<at::Tensor> gws, gbs;
+    auto found = ctx->saved_data.find("wide_X");
+    if (found != ctx->saved_data.end()) {
+      WideSaved wide;
+      wide.X = found->second.toTensorList().vec();
+      wide.pre = ctx->saved_data["wide_pre"].toTensorList().vec();
+      // without retain_graph this is the only backward through the node: its buffers become scratch
+      const bool consume = !torch::autograd::get_current_graph_task_keep_graph();
+      if (consume) {
+        ctx->saved_data.erase("wide_X");
+        ctx->saved_data.erase("wide_pre");
+      }
+      std::tie(gz, gtime, gws, gbs) = wide_bwd(gf, gt, prepare(z, s[1], weights, biases, eps, activation), weights,
+                                               biases, wide, consume);
+    } else {
+      std::tie(gz, gtime, gws, gbs) = mlp_trace_bwd_cpu(gf, gt, z, s[1], weights, biases, eps, s[2], activation);
+    }
     variable_list out;
     out.reserve(2 + 2 * L + 2);
     out.push_back(gz);

@@ -389,6 +389,36 @@ def test_many_chunks_match_reference(probes, act):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.skipif(not M.HAS_CPP_OPS, reason="C++ extension not built")
+@pytest.mark.parametrize("probes", [None, 1, 2])
+@pytest.mark.parametrize("act", ACTS)
+def test_wide_field_eager_path_with_and_without_retain_graph(probes, act):
+    """Fields wider than 256 units take the eager node's layer-by-layer path, which overwrites and releases
+    its saved buffers during a backward that does not retain the graph: several row chunks (the last
+    partial), against the reference; with retain_graph every backward gives the same gradients, and a
+    backward after the graph was freed raises."""
+    B, d = 150, 3
+    z, t, ws, bs = make(B, d, (264, 24, 40), seed=9)
+    eps = None if probes is None else rademacher(probes, B, d)
+    f_r, tr_r = ref.mlp_trace(z, t, ws, bs, act, eps)
+    g = torch.Generator().manual_seed(4)
+    gf, gtr = torch.randn(B, d, generator=g, dtype=torch.float64), torch.randn(B, generator=g, dtype=torch.float64)
+    inputs = [z, t, *ws, *bs]
+    want = torch.autograd.grad([f_r, tr_r], inputs, [gf, gtr])
+    f, tr = ops.mlp_trace(z, t, ws, bs, act, eps)
+    torch.testing.assert_close(f, f_r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(tr, tr_r, rtol=1e-10, atol=1e-10)
+    consumed = torch.autograd.grad([f, tr], inputs, [gf, gtr])
+    f, tr = ops.mlp_trace(z, t, ws, bs, act, eps)
+    first = torch.autograd.grad([f, tr], inputs, [gf, gtr], retain_graph=True)
+    second = torch.autograd.grad([f, tr], inputs, [gf, gtr])
+    for a, b, c, w in zip(consumed, first, second, want):
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-10)
+        assert torch.equal(a, b) and torch.equal(b, c)
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad([f, tr], inputs, [gf, gtr])
+
+
 @pytest.mark.parametrize("probes", [None, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_results_do_not_depend_on_the_thread_count(probes, dtype):
