@@ -517,52 +517,119 @@ void act_bwd(T* gX, const T* P, T* X, int64_t B, int64_t M, int64_t H, Act act, 
   });
 }
 
-// C = A B for row-major A [M, K], B [K, N] and C [M, N], single-threaded: float through oneDNN's brgemm
-// micro-kernel where this torch exposes it (about 1.2x MKL's sgemm at the narrow fields' shapes, and no
-// operator dispatch per call), else at::mm_out.
-void gemm_nn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
+// ---- GEMMs: float through oneDNN's brgemm micro-kernel where this torch has it --------------------------
+// at::native::cpublas::brgemm computes C (+)= A B for row-major A [M, K], B [K, N], single-threaded (JIT
+// kernels cached per shape and thread). The three products the passes need are tiled over it, one tile per
+// task of at::parallel_for (inside a parallel region, as in the narrow fields' per-chunk work, the tasks
+// run in the calling thread); a transposed operand is transposed 64 x 64 panel by panel into a per-thread
+// buffer. At these shapes that is about 1.1-1.25x MKL's sgemm (paired timings in bench/RESULTS.md), with no
+// operator dispatch per call. Other dtypes, a torch without the float brgemm, or strided operands take
+// at::mm_out / addmm_.
+constexpr int64_t kTile = 64;
+
+bool brgemm_ok(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
-  if (C.scalar_type() == at::kFloat && A.is_contiguous() && B.is_contiguous() && C.is_contiguous()) {
-    const int64_t M = A.size(0), K = A.size(1), N = B.size(1);
-    at::native::cpublas::brgemm(M, N, K, K, N, N, false, A.const_data_ptr<float>(), B.const_data_ptr<float>(),
-                                C.mutable_data_ptr<float>(), false);
+  return C.scalar_type() == at::kFloat && A.is_contiguous() && B.is_contiguous() && C.is_contiguous() &&
+         C.numel() > 0;
+#else
+  return false;
+#endif
+}
+
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+float* panel_buffer() {
+  thread_local std::vector<float> buf(static_cast<size_t>(kTile * kTile));
+  return buf.data();
+}
+
+void brgemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add, const float* a,
+            const float* b, float* c) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, a, b, c, false);
+}
+#endif
+
+// C = A B: A [M, K], B [K, N]; tiles of 64 rows x 256 columns of C.
+void gemm_nn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
+  if (!brgemm_ok(C, A, B) || A.size(1) == 0) {
+    at::mm_out(C, A, B);
     return;
   }
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  constexpr int64_t kCols = 256;
+  const int64_t M = A.size(0), K = A.size(1), N = B.size(1);
+  const int64_t cb = (N + kCols - 1) / kCols;
+  const float* a = A.const_data_ptr<float>();
+  const float* b = B.const_data_ptr<float>();
+  float* c = C.mutable_data_ptr<float>();
+  at::parallel_for(0, (M + kTile - 1) / kTile * cb, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t i = q / cb * kTile, j = q % cb * kCols;
+      brgemm(std::min(kTile, M - i), std::min(kCols, N - j), K, K, N, N, false, a + i * K, b + j, c + i * N + j);
+    }
+  });
 #endif
-  at::mm_out(C, A, B);
+}
+
+// C = A B^T: A [M, K], B [N, K] (a weight as stored); one task per 64 columns of C, which transposes its
+// panels of B once and multiplies them with all rows of A.
+void gemm_nt(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
+  if (!brgemm_ok(C, A, B) || A.size(1) == 0) {
+    at::mm_out(C, A, B.t());
+    return;
+  }
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  const int64_t M = A.size(0), K = A.size(1), N = B.size(0);
+  const float* a = A.const_data_ptr<float>();
+  const float* b = B.const_data_ptr<float>();
+  float* c = C.mutable_data_ptr<float>();
+  at::parallel_for(0, (N + kTile - 1) / kTile, 1, [&](int64_t q0, int64_t q1) {
+    float* panel = panel_buffer();
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t j = q * kTile, nj = std::min(kTile, N - j);
+      for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+        const int64_t kb = std::min(kTile, K - k0);
+        at::vec::transpose_mxn<float>(b + j * K + k0, K, panel, nj, static_cast<int>(nj), static_cast<int>(kb));
+        brgemm(M, nj, kb, K, nj, N, k0 > 0, a + k0, panel, c + j);
+      }
+    }
+  });
+#endif
+}
+
+// C (+)= A^T B: A [K, M], B [K, N] (row-stacked samples, K the rows); one task per 64 rows of C, which
+// transposes its panels of A's columns.
+void gemm_tn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B, bool accumulate) {
+  if (!brgemm_ok(C, A, B) || A.size(0) == 0) {
+    if (accumulate) {
+      C.addmm_(A.t(), B);
+    } else {
+      at::mm_out(C, A.t(), B);
+    }
+    return;
+  }
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  const int64_t K = A.size(0), M = A.size(1), N = B.size(1);
+  const float* a = A.const_data_ptr<float>();
+  const float* b = B.const_data_ptr<float>();
+  float* c = C.mutable_data_ptr<float>();
+  at::parallel_for(0, (M + kTile - 1) / kTile, 1, [&](int64_t q0, int64_t q1) {
+    float* panel = panel_buffer();
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t i = q * kTile, mi = std::min(kTile, M - i);
+      for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+        const int64_t kb = std::min(kTile, K - k0);
+        at::vec::transpose_mxn<float>(a + k0 * M + i, M, panel, kb, static_cast<int>(kb), static_cast<int>(mi));
+        brgemm(mi, N, kb, kb, N, N, accumulate || k0 > 0, panel, b + k0 * N, c + i * N);
+      }
+    }
+  });
+#endif
 }
 
 // acc += A^T B for row-stacked A [K, M], B [K, N] (MKL takes the transposed operand directly; a
 // materialized A^T costs more than it saves).
 void accumulate_tn(at::Tensor acc, const at::Tensor& A, const at::Tensor& B) { acc.addmm_(A.t(), B); }
 
-// C (+)= A^T B for row-major A [K, M], B [K, N], C [M, N] (written when `fresh`), single-threaded, M <= 256:
-// float through brgemm over 64-row panels of K, each panel of A transposed into a small per-thread buffer
-// (about 1.25x MKL's transposed-operand sgemm at the narrow fields' shapes); returns false (nothing done)
-// where brgemm is not available or the operands do not fit that layout.
-bool gemm_tn_small(at::Tensor& C, const at::Tensor& A, const at::Tensor& B, bool fresh) {
-#if defined(CPUBLAS_BRGEMM_F32F32F32)
-  constexpr int64_t kPanel = 64;
-  const int64_t K = A.size(0), M = A.size(1), N = B.size(1);
-  if (C.scalar_type() != at::kFloat || M > 256 || K == 0 || !A.is_contiguous() || !B.is_contiguous() ||
-      !C.is_contiguous()) {
-    return false;
-  }
-  thread_local std::vector<float> panel;
-  panel.resize(static_cast<size_t>(M * kPanel));
-  const float* a = A.const_data_ptr<float>();
-  const float* b = B.const_data_ptr<float>();
-  float* c = C.mutable_data_ptr<float>();
-  for (int64_t k0 = 0; k0 < K; k0 += kPanel) {
-    const int kb = static_cast<int>(std::min(kPanel, K - k0));
-    at::vec::transpose_mxn<float>(a + k0 * M, M, panel.data(), kb, kb, static_cast<int>(M));
-    at::native::cpublas::brgemm(M, N, kb, kb, N, N, k0 > 0 || !fresh, panel.data(), b + k0 * N, c, false);
-  }
-  return true;
-#else
-  return false;
-#endif
-}
 
 // The top of the backward for chunk [b0, b0 + n): G = [grad_f; the trace's gradient on the stacked last-layer
 // tangent rows] ([(1 + m) n, d]): scale * grad_tr * eps for Hutchinson, grad_tr on the basis rows' diagonal.
@@ -645,7 +712,7 @@ struct Prepared {
   std::vector<at::Tensor> bc;  // contiguous biases
   at::Tensor wzt;              // exact: row k is the first layer's tangent for the basis probe e_k
   at::Tensor w0t, wl;          // small d: the first layer's input rows [z, t] as columns, the last weight as rows
-  std::vector<at::Tensor> wt, wc;  // small d: each weight transposed ([in, out]) and as is, contiguous (for gemm_nn)
+  std::vector<at::Tensor> wc;  // each weight contiguous (itself unless it is a strided view)
 };
 
 Prepared prepare(const at::Tensor& z_in, const at::Tensor& t_in, at::TensorList weights, at::TensorList biases,
@@ -662,11 +729,8 @@ Prepared prepare(const at::Tensor& z_in, const at::Tensor& t_in, at::TensorList 
   if (p.plan.small) {
     p.w0t = weights[0].t().contiguous();
     p.wl = weights[p.plan.L - 1].contiguous();
-    for (const auto& w : weights) {
-      p.wt.push_back(w.t().contiguous());
-      p.wc.push_back(w.contiguous());
-    }
   }
+  for (const auto& w : weights) p.wc.push_back(w.contiguous());
   return p;
 }
 
@@ -693,7 +757,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_prepared(const Prepared& in, 
         for (int64_t l = 0; l + 1 < L; ++l) {
           const int64_t H = weights[l].size(0), rows = stored_rows(l, m, exact);
           at::Tensor P = acts.narrow(0, plan.base[l] + rows * b0 * H, rows * n * H).view({rows * n, H});
-          if (l > 0) gemm_nn(P, X, in.wt[l]);
+          if (l > 0) gemm_nt(P, X, in.wc[l]);
           X = scratch.narrow(0, 0, (1 + m) * n * H).view({(1 + m) * n, H});
           fwd_small<scalar_t>(l == 0, l + 2 == L, P.mutable_data_ptr<scalar_t>(), X.mutable_data_ptr<scalar_t>(), n, H,
                               act, l == 0 ? nullptr : bc[l].const_data_ptr<scalar_t>(),
@@ -714,7 +778,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_prepared(const Prepared& in, 
       if (l == 0) {
         first_layer(P, z, t, w, bc[0], eps, exact, b0, n, d, m);
       } else {
-        at::mm_out(P, X, w.t());
+        gemm_nt(P, X, in.wc[l]);
       }
       if (hidden) {
         X = scratch.narrow(0, 0, (1 + m) * n * H).view({(1 + m) * n, H});
@@ -822,7 +886,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
                               gwl.data(), gw0.data(), gb0.data(), gz.mutable_data_ptr<scalar_t>(),
                               gt.mutable_data_ptr<scalar_t>());
           if (!top) {
-            if (!gemm_tn_small(cw[l + 1], G, X, fresh)) tn_into(cw[l + 1], G, X, fresh);
+            gemm_tn(cw[l + 1], G, X, !fresh);
             colsum_into(cb[l + 1], G.narrow(0, 0, n), fresh);
             std::swap(buf_a, spare);
             G = gX;
@@ -851,18 +915,17 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     at::Tensor G = buf_a.narrow(0, 0, (1 + m) * n * d).view({(1 + m) * n, d});
     top_grad(G, gf, gtr, eps, exact, scale, b0, n, m, d);
     for (int64_t l = L - 1; l >= 1; --l) {
-      const at::Tensor& w = weights[l];
       const int64_t Hp = weights[l - 1].size(0);
       const int64_t rows = stored_rows(l - 1, m, exact);
       auto P = actc.narrow(0, plan.base[l - 1] + rows * b0 * Hp, rows * n * Hp).view({rows * n, Hp});
       at::Tensor gX = spare.narrow(0, 0, (1 + m) * n * Hp).view({(1 + m) * n, Hp});
-      at::mm_out(gX, G, w);
+      gemm_nn(gX, G, in.wc[l]);
       at::Tensor X = xbuf.narrow(0, 0, (1 + m) * n * Hp).view({(1 + m) * n, Hp});
       AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_trace_act_bwd", [&] {
         act_bwd<scalar_t>(gX.mutable_data_ptr<scalar_t>(), P.const_data_ptr<scalar_t>(), X.mutable_data_ptr<scalar_t>(),
                           n, m, Hp, act, l == 1 && exact ? wzt.const_data_ptr<scalar_t>() : nullptr);
       });
-      tn_into(cw[l], G, X, fresh);
+      gemm_tn(cw[l], G, X, !fresh);
       colsum_into(cb[l], G.narrow(0, 0, n), fresh);
       std::swap(buf_a, spare);  // G's buffer becomes the spare; gX (in `spare` until now) is the new G
       G = gX;
@@ -948,7 +1011,7 @@ std::tuple<at::Tensor, at::Tensor> wide_fwd(const Prepared& in, at::TensorList w
   for (int64_t l = 0; l + 1 < L; ++l) {
     const int64_t H = weights[l].size(0);
     at::Tensor P = at::empty({R * B, H}, opts);
-    if (l > 0) at::mm_out(P, prev, weights[l].t());
+    if (l > 0) gemm_nt(P, prev, in.wc[l]);
     at::Tensor X = keep_pre ? at::empty_like(P) : P;  // tanh / softplus: the pass turns P into X in place
     for (int64_t b0 = 0; b0 < B; b0 += C) {
       const int64_t n = std::min(C, B - b0);
@@ -967,7 +1030,8 @@ std::tuple<at::Tensor, at::Tensor> wide_fwd(const Prepared& in, at::TensorList w
     if (keep_pre) saved.pre.push_back(P);
     prev = X;
   }
-  const at::Tensor F = at::mm(prev, weights[L - 1].t());
+  at::Tensor F = at::empty({R * B, d}, opts);
+  gemm_nt(F, prev, in.wc[L - 1]);
   for (int64_t b0 = 0; b0 < B; b0 += C) {
     const int64_t n = std::min(C, B - b0);
     outputs_from_last(F.narrow(0, R * b0, R * n), in.bc[L - 1], in.eps, p.exact, b0, n, m, d, f, tr);
@@ -996,7 +1060,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   for (int64_t l = L - 1; l >= 1; --l) {  // weight l maps hidden layer l - 1 onwards
     const int64_t Hp = weights[l - 1].size(0);
     at::Tensor X = saved.X[l - 1];
-    gws[l] = at::mm(G.t(), X);
+    gws[l] = at::empty_like(weights[l], at::MemoryFormat::Contiguous);
+    gemm_tn(gws[l], G, X, false);
     gbs[l] = at::zeros_like(biases[l], at::MemoryFormat::Contiguous);
     at::Tensor src = keep_pre ? saved.pre[l - 1] : X;
     at::Tensor Gn = consume ? src : at::empty_like(src);
@@ -1009,7 +1074,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
       at::Tensor Gc = G.narrow(0, R * b0, R * n);
       gbs[l].add_(Gc.narrow(0, 0, n).sum(0));
       at::Tensor gX = scratch.narrow(0, 0, R * n * Hp).view({R * n, Hp});
-      at::mm_out(gX, Gc, weights[l]);
+      gemm_nn(gX, Gc, in.wc[l]);
       AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "mlp_trace_wide_bwd", [&] {
         act_bwd_stored<scalar_t>(gX.const_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>() + R * b0 * Hp,
                                  Gn.mutable_data_ptr<scalar_t>() + R * b0 * Hp, n, m, Hp, p.act);
