@@ -216,19 +216,6 @@ struct Scratch {
   }
 };
 
-// The first layer's stacked pre-activations of the chunk [b0, b0 + n): primal rows z W^T + t w_t + b
-// (the bias is added here) and the tangent rows eps W^T (exact: none; act_fwd broadcasts W's columns).
-void first_layer(at::Tensor& P, const at::Tensor& z, const at::Tensor& t, const at::Tensor& w, const at::Tensor& b,
-                 const at::Tensor& eps, bool exact, int64_t b0, int64_t n, int64_t d, int64_t m) {
-  auto wz = w.narrow(1, 0, d);
-  auto Pp = P.narrow(0, 0, n);
-  at::addmm_out(Pp, b, z.narrow(0, b0, n), wz.t());
-  Pp.addr_(t.narrow(0, b0, n), w.select(1, d));
-  if (!exact) {
-    auto Pt = P.narrow(0, n, m * n);
-    at::mm_out(Pt, eps.narrow(1, b0, n).reshape({m * n, d}), wz.t());
-  }
-}
 
 // ---- small output dimension: the first and last layers inside the elementwise passes ---------------
 // For d <= kSmallD the first layer's products with [z, t] and the probes (K = d + 1) and the last
@@ -677,21 +664,37 @@ void colsum_into(at::Tensor out, const at::Tensor& A, bool fresh) {  // out (+)=
   }
 }
 
+// The first layer's stacked pre-activations of chunk [b0, b0 + n) without the bias (the activation pass
+// adds it): primal rows z W_z^T + t w_t, tangent rows eps W_z^T (exact: none; the pass broadcasts W_z's
+// columns). `wz` is W's z columns, contiguous ([H0, d]).
+void first_layer(at::Tensor& P, const at::Tensor& z, const at::Tensor& t, const at::Tensor& w, const at::Tensor& wz,
+                 const at::Tensor& eps, bool exact, int64_t b0, int64_t n, int64_t d, int64_t m) {
+  auto Pp = P.narrow(0, 0, n);
+  gemm_nt(Pp, z.narrow(0, b0, n), wz);
+  Pp.addr_(t.narrow(0, b0, n), w.select(1, d));
+  if (!exact) {
+    for (int64_t k = 0; k < m; ++k) {
+      auto Pk = P.narrow(0, (1 + k) * n, n);
+      gemm_nt(Pk, eps.select(0, k).narrow(0, b0, n), wz);
+    }
+  }
+}
+
 // The first layer's gradients from chunk [b0, b0 + n)'s first-hidden-layer pre-activation gradient G
-// ([(1 + m) n, H0]): into gw0 [H0, d + 1] / gb0 (written when `fresh`, else accumulated), dz and dt of the chunk.
+// ([(1 + m) n, H0]): into gw0z / gw0t (the first weight's z columns and time column) and gb0 (written when
+// `fresh`, else accumulated), dz and dt of the chunk. `wz` as in first_layer.
 void first_layer_grads(const at::Tensor& G, const at::Tensor& z, const at::Tensor& t, const at::Tensor& eps,
-                       const at::Tensor& w0, bool exact, int64_t b0, int64_t n, int64_t m, int64_t d, at::Tensor gw0,
-                       at::Tensor gb0, at::Tensor& gz, at::Tensor& gt, bool fresh) {
+                       const at::Tensor& w0, const at::Tensor& wz, bool exact, int64_t b0, int64_t n, int64_t m,
+                       int64_t d, at::Tensor gw0z, at::Tensor gw0t, at::Tensor gb0, at::Tensor& gz, at::Tensor& gt,
+                       bool fresh) {
   auto ga = G.narrow(0, 0, n);
   auto gAd = G.narrow(0, n, m * n);
-  auto gw0z = gw0.narrow(1, 0, d);
-  tn_into(gw0z, ga, z.narrow(0, b0, n), fresh);
+  gemm_tn(gw0z, ga, z.narrow(0, b0, n), !fresh);
   if (exact) {
     gw0z.add_(gAd.view({d, n, -1}).sum(1).t());
   } else {
-    accumulate_tn(gw0z, gAd, eps.narrow(1, b0, n).reshape({m * n, d}));
+    for (int64_t k = 0; k < m; ++k) gemm_tn(gw0z, gAd.narrow(0, k * n, n), eps.select(0, k).narrow(0, b0, n), true);
   }
-  auto gw0t = gw0.select(1, d);
   if (fresh) {
     at::mv_out(gw0t, ga.t(), t.narrow(0, b0, n));
   } else {
@@ -700,7 +703,7 @@ void first_layer_grads(const at::Tensor& G, const at::Tensor& z, const at::Tenso
   colsum_into(gb0, ga, fresh);
   auto gzc = gz.narrow(0, b0, n);
   auto gtc = gt.narrow(0, b0, n);
-  at::mm_out(gzc, ga, w0.narrow(1, 0, d));
+  gemm_nn(gzc, ga, wz);
   at::mv_out(gtc, ga, w0.select(1, d));
 }
 
@@ -713,6 +716,7 @@ struct Prepared {
   at::Tensor wzt;              // exact: row k is the first layer's tangent for the basis probe e_k
   at::Tensor w0t, wl;          // small d: the first layer's input rows [z, t] as columns, the last weight as rows
   std::vector<at::Tensor> wc;  // each weight contiguous (itself unless it is a strided view)
+  at::Tensor wzc;              // the first weight's z columns, contiguous ([H0, d])
 };
 
 Prepared prepare(const at::Tensor& z_in, const at::Tensor& t_in, at::TensorList weights, at::TensorList biases,
@@ -731,6 +735,7 @@ Prepared prepare(const at::Tensor& z_in, const at::Tensor& t_in, at::TensorList 
     p.wl = weights[p.plan.L - 1].contiguous();
   }
   for (const auto& w : weights) p.wc.push_back(w.contiguous());
+  p.wzc = weights[0].narrow(1, 0, p.plan.d).contiguous();
   return p;
 }
 
@@ -760,7 +765,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_prepared(const Prepared& in, 
           if (l > 0) gemm_nt(P, X, in.wc[l]);
           X = scratch.narrow(0, 0, (1 + m) * n * H).view({(1 + m) * n, H});
           fwd_small<scalar_t>(l == 0, l + 2 == L, P.mutable_data_ptr<scalar_t>(), X.mutable_data_ptr<scalar_t>(), n, H,
-                              act, l == 0 ? nullptr : bc[l].const_data_ptr<scalar_t>(),
+                              act, bc[l].const_data_ptr<scalar_t>(),
                               l == 0 && exact ? sd.w0t : nullptr, sd, b0, f.mutable_data_ptr<scalar_t>(),
                               tr.mutable_data_ptr<scalar_t>());
         }
@@ -776,7 +781,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_prepared(const Prepared& in, 
       at::Tensor P = hidden ? acts.narrow(0, plan.base[l] + rows * b0 * H, rows * n * H).view({rows * n, H})
                             : Fbuf.narrow(0, 0, (1 + m) * n * d).view({(1 + m) * n, d});
       if (l == 0) {
-        first_layer(P, z, t, w, bc[0], eps, exact, b0, n, d, m);
+        first_layer(P, z, t, w, in.wzc, eps, exact, b0, n, d, m);
       } else {
         gemm_nt(P, X, in.wc[l]);
       }
@@ -784,7 +789,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_prepared(const Prepared& in, 
         X = scratch.narrow(0, 0, (1 + m) * n * H).view({(1 + m) * n, H});
         AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_trace_act_fwd", [&] {
           act_fwd<scalar_t>(P.mutable_data_ptr<scalar_t>(), X.mutable_data_ptr<scalar_t>(), n, m, H, act,
-                            l == 0 ? nullptr : bc[l].const_data_ptr<scalar_t>(),
+                            bc[l].const_data_ptr<scalar_t>(),
                             l == 0 && exact ? wzt.const_data_ptr<scalar_t>() : nullptr);
         });
       } else {
@@ -930,7 +935,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
       std::swap(buf_a, spare);  // G's buffer becomes the spare; gX (in `spare` until now) is the new G
       G = gX;
     }
-    first_layer_grads(G, z, t, eps, w0, exact, b0, n, m, d, cw[0], cb[0], gz, gt, fresh);
+    first_layer_grads(G, z, t, eps, w0, in.wzc, exact, b0, n, m, d, cw[0].narrow(1, 0, d), cw[0].select(1, d), cb[0],
+                      gz, gt, fresh);
   });
   if (plan.parallel) {
     auto total = slots.select(0, 0).clone();  // summed in chunk order: independent of the thread count
@@ -1017,12 +1023,12 @@ std::tuple<at::Tensor, at::Tensor> wide_fwd(const Prepared& in, at::TensorList w
       const int64_t n = std::min(C, B - b0);
       at::Tensor Pc = P.narrow(0, R * b0, R * n), Xc = X.narrow(0, R * b0, R * n);
       if (l == 0) {
-        first_layer(Pc, in.z, in.t, weights[0], in.bc[0], in.eps, p.exact, b0, n, d, m);
+        first_layer(Pc, in.z, in.t, weights[0], in.wzc, in.eps, p.exact, b0, n, d, m);
         if (p.exact && keep_pre) Pc.narrow(0, n, m * n).view({m, n, H}).copy_(in.wzt.unsqueeze(1).expand({m, n, H}));
       }
       AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "mlp_trace_wide_fwd", [&] {
         act_fwd<scalar_t>(Pc.mutable_data_ptr<scalar_t>(), Xc.mutable_data_ptr<scalar_t>(), n, m, H, p.act,
-                          l == 0 ? nullptr : in.bc[l].const_data_ptr<scalar_t>(),
+                          in.bc[l].const_data_ptr<scalar_t>(),
                           l == 0 && p.exact ? in.wzt.const_data_ptr<scalar_t>() : nullptr);
       });
     }
@@ -1086,15 +1092,18 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
       if (keep_pre) saved.pre[l].reset();
     }
   }
-  gws[0] = at::zeros_like(weights[0], at::MemoryFormat::Contiguous);
+  // the first weight's z columns and time column accumulate separately (contiguous: brgemm-eligible)
+  auto gwz = at::zeros({weights[0].size(0), d}, opts);
+  auto gwt = at::zeros({weights[0].size(0)}, opts);
   gbs[0] = at::zeros_like(biases[0], at::MemoryFormat::Contiguous);
   auto gz = at::empty({B, d}, opts);
   auto gt = at::empty({B}, opts);
   for (int64_t b0 = 0; b0 < B; b0 += C) {
     const int64_t n = std::min(C, B - b0);
-    first_layer_grads(G.narrow(0, R * b0, R * n), in.z, in.t, in.eps, weights[0], p.exact, b0, n, m, d, gws[0],
-                      gbs[0], gz, gt, false);
+    first_layer_grads(G.narrow(0, R * b0, R * n), in.z, in.t, in.eps, weights[0], in.wzc, p.exact, b0, n, m, d, gwz,
+                      gwt, gbs[0], gz, gt, false);
   }
+  gws[0] = at::cat({gwz, gwt.unsqueeze(1)}, 1);
   return {gz, gt, gws, gbs};
 }
 
