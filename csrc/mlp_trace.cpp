@@ -2,8 +2,8 @@
 //
 // Forward-mode tangents ride along the primal: for each layer the B primal rows and the m * B
 // tangent rows (one block per probe; the d basis vectors for the exact trace) are stacked into one
-// [(1 + m) B, H] matrix and multiplied by the layer's weight in ONE GEMM (at::mm; the bias is added
-// to the primal rows only). One vectorized pass then maps the primal rows to sigma(a) and the
+// [(1 + m) B, H] matrix and multiplied by the layer's weight in ONE GEMM (float: tiles of oneDNN's brgemm
+// micro-kernel, see gemm_nn; the bias is added to the primal rows only). One vectorized pass then maps the primal rows to sigma(a) and the
 // tangent rows to sigma'(a) * a_dot (sigma' evaluated once per primal element, not per probe). At the
 // output, tr = scale * sum(eps * f_dot) (exact: the diagonal of the basis tangents).
 //
@@ -11,9 +11,10 @@
 // gradient (G W) and one for the weight gradient (G^T X), and one vectorized pass that recomputes
 // X from the saved pre-activations and turns the input gradient into the pre-activation gradient:
 //   G_a = gX_a sigma'(a) + sigma''(a) sum_k gX_k a_dot_k,   G_k = gX_k sigma'(a).
-// Only the stacked hidden pre-activations are saved (one flat buffer, also the op's third output; its
-// layout is private to this fwd/bwd pair): for tanh the primal rows hold tanh(a) instead, and the exact
-// trace's first-layer tangent rows (W's columns, the same for every sample) are not stored.
+// The registered fwd/bwd pair saves only the stacked hidden pre-activations (one flat buffer, also the op's
+// third output; its layout is private to the pair): for tanh the primal rows hold tanh(a) instead, and the
+// exact trace's first-layer tangent rows (W's columns, the same for every sample) are not stored. The eager
+// autograd node keeps wide fields' layer outputs instead and frees them during the backward (see wide_fwd).
 //
 // The Python side (flowops/ops/mlp_trace.py) adds the fake kernels, the Python autograd formula used
 // under torch.compile, and the CUDA implementation (torch GEMMs + Triton elementwise kernels).
