@@ -536,6 +536,16 @@ void brgemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t l
 }
 #endif
 
+// How many of `extent` rows (or columns) one task takes when the other dimension has only `tiles` tiles: all
+// of them, unless that leaves fewer than two tasks per thread (outside a parallel region), then a split into
+// multiples of 16. (A split re-transposes the shared panels once per block: 64 x K values, cheap.)
+int64_t split_rows(int64_t extent, int64_t tiles) {
+  const int64_t want = 2 * (at::in_parallel_region() ? 1 : at::get_num_threads());
+  if (tiles >= want || extent <= 16) return std::max<int64_t>(extent, 1);
+  const int64_t blocks = std::min((want + tiles - 1) / tiles, (extent + 15) / 16);
+  return ((extent + blocks - 1) / blocks + 15) / 16 * 16;
+}
+
 // C = A B: A [M, K], B [K, N]; tiles of 64 rows x 256 columns of C.
 void gemm_nn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
   if (!brgemm_ok(C, A, B) || A.size(1) == 0) {
@@ -558,8 +568,8 @@ void gemm_nn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
 #endif
 }
 
-// C = A B^T: A [M, K], B [N, K] (a weight as stored); one task per 64 columns of C, which transposes its
-// panels of B once and multiplies them with all rows of A.
+// C = A B^T: A [M, K], B [N, K] (a weight as stored); one task per 64 columns of C (and block of rows, see
+// split_rows), which transposes its panels of B and multiplies them with its rows of A.
 void gemm_nt(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
   if (!brgemm_ok(C, A, B) || A.size(1) == 0) {
     at::mm_out(C, A, B.t());
@@ -567,25 +577,27 @@ void gemm_nt(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
   }
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
   const int64_t M = A.size(0), K = A.size(1), N = B.size(0);
+  const int64_t cb = (N + kTile - 1) / kTile, rows = split_rows(M, cb), rb = (M + rows - 1) / rows;
   const float* a = A.const_data_ptr<float>();
   const float* b = B.const_data_ptr<float>();
   float* c = C.mutable_data_ptr<float>();
-  at::parallel_for(0, (N + kTile - 1) / kTile, 1, [&](int64_t q0, int64_t q1) {
+  at::parallel_for(0, rb * cb, 1, [&](int64_t q0, int64_t q1) {
     float* panel = panel_buffer();
     for (int64_t q = q0; q < q1; ++q) {
-      const int64_t j = q * kTile, nj = std::min(kTile, N - j);
+      const int64_t i = q / cb * rows, mi = std::min(rows, M - i);
+      const int64_t j = q % cb * kTile, nj = std::min(kTile, N - j);
       for (int64_t k0 = 0; k0 < K; k0 += kTile) {
         const int64_t kb = std::min(kTile, K - k0);
         at::vec::transpose_mxn<float>(b + j * K + k0, K, panel, nj, static_cast<int>(nj), static_cast<int>(kb));
-        brgemm(M, nj, kb, K, nj, N, k0 > 0, a + k0, panel, c + j);
+        brgemm(mi, nj, kb, K, nj, N, k0 > 0, a + i * K + k0, panel, c + i * N + j);
       }
     }
   });
 #endif
 }
 
-// C (+)= A^T B: A [K, M], B [K, N] (row-stacked samples, K the rows); one task per 64 rows of C, which
-// transposes its panels of A's columns.
+// C (+)= A^T B: A [K, M], B [K, N] (row-stacked samples, K the rows); one task per 64 rows of C (and block of
+// columns, see split_rows), which transposes its panels of A's columns.
 void gemm_tn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B, bool accumulate) {
   if (!brgemm_ok(C, A, B) || A.size(0) == 0) {
     if (accumulate) {
@@ -597,17 +609,19 @@ void gemm_tn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B, bool accum
   }
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
   const int64_t K = A.size(0), M = A.size(1), N = B.size(1);
+  const int64_t rt = (M + kTile - 1) / kTile, cols = split_rows(N, rt), nb = (N + cols - 1) / cols;
   const float* a = A.const_data_ptr<float>();
   const float* b = B.const_data_ptr<float>();
   float* c = C.mutable_data_ptr<float>();
-  at::parallel_for(0, (M + kTile - 1) / kTile, 1, [&](int64_t q0, int64_t q1) {
+  at::parallel_for(0, rt * nb, 1, [&](int64_t q0, int64_t q1) {
     float* panel = panel_buffer();
     for (int64_t q = q0; q < q1; ++q) {
-      const int64_t i = q * kTile, mi = std::min(kTile, M - i);
+      const int64_t i = q / nb * kTile, mi = std::min(kTile, M - i);
+      const int64_t j = q % nb * cols, nj = std::min(cols, N - j);
       for (int64_t k0 = 0; k0 < K; k0 += kTile) {
         const int64_t kb = std::min(kTile, K - k0);
         at::vec::transpose_mxn<float>(a + k0 * M + i, M, panel, kb, static_cast<int>(kb), static_cast<int>(mi));
-        brgemm(mi, N, kb, kb, N, N, accumulate || k0 > 0, panel, b + k0 * N, c + i * N);
+        brgemm(mi, nj, kb, kb, N, N, accumulate || k0 > 0, panel, b + k0 * N + j, c + i * N + j);
       }
     }
   });
