@@ -534,7 +534,6 @@ void brgemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t l
             const float* b, float* c) {
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, a, b, c, false);
 }
-#endif
 
 // How many of `extent` rows (or columns) one task takes when the other dimension has only `tiles` tiles: all
 // of them, unless that leaves fewer than two tasks per thread (outside a parallel region), then a split into
@@ -546,92 +545,81 @@ int64_t split_rows(int64_t extent, int64_t tiles) {
   return ((extent + blocks - 1) / blocks + 15) / 16 * 16;
 }
 
-// C = A B: A [M, K], B [K, N]; tiles of 64 rows x 256 columns of C.
+// body(i, mi, j, nj, panel) for every block [i, i + mi) x [j, j + nj) of an M x N result in blocks of
+// rows x cols, one block per task of at::parallel_for, with the running thread's panel buffer.
+template <typename F>
+void for_blocks(int64_t M, int64_t rows, int64_t N, int64_t cols, const F& body) {
+  const int64_t rb = (M + rows - 1) / rows, cb = (N + cols - 1) / cols;
+  at::parallel_for(0, rb * cb, 1, [&](int64_t q0, int64_t q1) {
+    float* panel = panel_buffer();
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t i = q / cb * rows, j = q % cb * cols;
+      body(i, std::min(rows, M - i), j, std::min(cols, N - j), panel);
+    }
+  });
+}
+#endif
+
+// C = A B: A [M, K], B [K, N]; blocks of 64 rows x 256 columns of C.
 void gemm_nn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
   if (!brgemm_ok(C, A, B) || A.size(1) == 0) {
     at::mm_out(C, A, B);
     return;
   }
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
-  constexpr int64_t kCols = 256;
   const int64_t M = A.size(0), K = A.size(1), N = B.size(1);
-  const int64_t cb = (N + kCols - 1) / kCols;
   const float* a = A.const_data_ptr<float>();
   const float* b = B.const_data_ptr<float>();
   float* c = C.mutable_data_ptr<float>();
-  at::parallel_for(0, (M + kTile - 1) / kTile * cb, 1, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t i = q / cb * kTile, j = q % cb * kCols;
-      brgemm(std::min(kTile, M - i), std::min(kCols, N - j), K, K, N, N, false, a + i * K, b + j, c + i * N + j);
-    }
+  for_blocks(M, kTile, N, 256, [&](int64_t i, int64_t mi, int64_t j, int64_t nj, float*) {
+    brgemm(mi, nj, K, K, N, N, false, a + i * K, b + j, c + i * N + j);
   });
 #endif
 }
 
-// C = A B^T: A [M, K], B [N, K] (a weight as stored); one task per 64 columns of C (and block of rows, see
-// split_rows), which transposes its panels of B and multiplies them with its rows of A.
-void gemm_nt(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
-  if (!brgemm_ok(C, A, B) || A.size(1) == 0) {
-    at::mm_out(C, A, B.t());
-    return;
-  }
-#if defined(CPUBLAS_BRGEMM_F32F32F32)
-  const int64_t M = A.size(0), K = A.size(1), N = B.size(0);
-  const int64_t cb = (N + kTile - 1) / kTile, rows = split_rows(M, cb), rb = (M + rows - 1) / rows;
-  const float* a = A.const_data_ptr<float>();
-  const float* b = B.const_data_ptr<float>();
-  float* c = C.mutable_data_ptr<float>();
-  at::parallel_for(0, rb * cb, 1, [&](int64_t q0, int64_t q1) {
-    float* panel = panel_buffer();
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t i = q / cb * rows, mi = std::min(rows, M - i);
-      const int64_t j = q % cb * kTile, nj = std::min(kTile, N - j);
-      for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-        const int64_t kb = std::min(kTile, K - k0);
-        at::vec::transpose_mxn<float>(b + j * K + k0, K, panel, nj, static_cast<int>(nj), static_cast<int>(kb));
-        brgemm(mi, nj, kb, K, nj, N, k0 > 0, a + i * K + k0, panel, c + i * N + j);
-      }
-    }
-  });
-#endif
-}
-
-// C (+)= A^T B: A [K, M], B [K, N] (row-stacked samples, K the rows); one task per 64 rows of C (and block of
-// columns, see split_rows), which transposes its panels of A's columns.
-void gemm_tn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B, bool accumulate) {
-  if (!brgemm_ok(C, A, B) || A.size(0) == 0) {
+// C (+)= A^T B (trans_a: A [K, M], B [K, N]; row-stacked samples, K the rows) or C = A B^T (A [M, K], B [N, K],
+// a weight as stored): one task per 64 rows (A^T B) or 64 columns (A B^T) of C, and per block of the other
+// dimension (see split_rows); the task transposes its 64 x 64 panels of the transposed operand, K panel by
+// K panel, into its thread's buffer and accumulates them through brgemm.
+void gemm_t(at::Tensor& C, const at::Tensor& A, const at::Tensor& B, bool trans_a, bool accumulate) {
+  const int64_t K = A.size(trans_a ? 0 : 1);
+  if (!brgemm_ok(C, A, B) || K == 0) {
+    const at::Tensor a = trans_a ? A.t() : A, b = trans_a ? B : B.t();
     if (accumulate) {
-      C.addmm_(A.t(), B);
+      C.addmm_(a, b);
     } else {
-      at::mm_out(C, A.t(), B);
+      at::mm_out(C, a, b);
     }
     return;
   }
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
-  const int64_t K = A.size(0), M = A.size(1), N = B.size(1);
-  const int64_t rt = (M + kTile - 1) / kTile, cols = split_rows(N, rt), nb = (N + cols - 1) / cols;
+  const int64_t M = C.size(0), N = C.size(1);
   const float* a = A.const_data_ptr<float>();
   const float* b = B.const_data_ptr<float>();
   float* c = C.mutable_data_ptr<float>();
-  at::parallel_for(0, rt * nb, 1, [&](int64_t q0, int64_t q1) {
-    float* panel = panel_buffer();
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t i = q / nb * kTile, mi = std::min(kTile, M - i);
-      const int64_t j = q % nb * cols, nj = std::min(cols, N - j);
-      for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-        const int64_t kb = std::min(kTile, K - k0);
+  const int64_t rows = trans_a ? kTile : split_rows(M, (N + kTile - 1) / kTile);
+  const int64_t cols = trans_a ? split_rows(N, (M + kTile - 1) / kTile) : kTile;
+  for_blocks(M, rows, N, cols, [&](int64_t i, int64_t mi, int64_t j, int64_t nj, float* panel) {
+    for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+      const int64_t kb = std::min(kTile, K - k0);
+      const bool add = accumulate || k0 > 0;
+      if (trans_a) {  // panel = A[k0:, i:]^T, [mi, kb]
         at::vec::transpose_mxn<float>(a + k0 * M + i, M, panel, kb, static_cast<int>(kb), static_cast<int>(mi));
-        brgemm(mi, nj, kb, kb, N, N, accumulate || k0 > 0, panel, b + k0 * N + j, c + i * N + j);
+        brgemm(mi, nj, kb, kb, N, N, add, panel, b + k0 * N + j, c + i * N + j);
+      } else {  // panel = B[j:, k0:]^T, [kb, nj]
+        at::vec::transpose_mxn<float>(b + j * K + k0, K, panel, nj, static_cast<int>(nj), static_cast<int>(kb));
+        brgemm(mi, nj, kb, K, nj, N, add, a + i * K + k0, panel, c + i * N + j);
       }
     }
   });
 #endif
 }
 
-// acc += A^T B for row-stacked A [K, M], B [K, N] (MKL takes the transposed operand directly; a
-// materialized A^T costs more than it saves).
-void accumulate_tn(at::Tensor acc, const at::Tensor& A, const at::Tensor& B) { acc.addmm_(A.t(), B); }
+void gemm_nt(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) { gemm_t(C, A, B, false, false); }
 
+void gemm_tn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B, bool accumulate) {
+  gemm_t(C, A, B, true, accumulate);
+}
 
 // The top of the backward for chunk [b0, b0 + n): G = [grad_f; the trace's gradient on the stacked last-layer
 // tangent rows] ([(1 + m) n, d]): scale * grad_tr * eps for Hutchinson, grad_tr on the basis rows' diagonal.
@@ -660,14 +648,6 @@ void outputs_from_last(const at::Tensor& F, const at::Tensor& bias, const at::Te
   } else {
     at::sum_out(trc, Fd * eps.narrow(1, b0, n), {0, 2});
     trc.mul_(1.0 / static_cast<double>(m));
-  }
-}
-
-void tn_into(at::Tensor out, const at::Tensor& A, const at::Tensor& B, bool fresh) {  // out (+)= A^T B
-  if (fresh) {
-    at::mm_out(out, A.t(), B);
-  } else {
-    accumulate_tn(out, A, B);
   }
 }
 
