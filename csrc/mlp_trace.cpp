@@ -3,8 +3,8 @@
 // Forward-mode tangents ride along the primal: for each layer the B primal rows and the m * B
 // tangent rows (one block per probe; the d basis vectors for the exact trace) are stacked into one
 // [(1 + m) B, H] matrix and multiplied by the layer's weight in ONE GEMM (float: tiles of oneDNN's brgemm
-// micro-kernel, see gemm_nn; the bias is added to the primal rows only). One vectorized pass then maps the primal rows to sigma(a) and the
-// tangent rows to sigma'(a) * a_dot (sigma' evaluated once per primal element, not per probe). At the
+// micro-kernel, see gemm_nn; the bias is added to the primal rows only). One vectorized pass then maps the
+// primal rows to sigma(a) and the tangent rows to sigma'(a) * a_dot (sigma' evaluated once per primal element, not per probe). At the
 // output, tr = scale * sum(eps * f_dot) (exact: the diagonal of the basis tangents).
 //
 // Backward (analytic, first order through both streams): per layer one stacked GEMM for the input
@@ -709,9 +709,9 @@ struct Prepared {
   Plan plan;
   std::vector<at::Tensor> bc;  // contiguous biases
   at::Tensor wzt;              // exact: row k is the first layer's tangent for the basis probe e_k
-  at::Tensor w0t, wl;          // small d: the first layer's input rows [z, t] as columns, the last weight as rows
+  at::Tensor w0t;              // small d: the first layer's input rows [z, t] as columns
   std::vector<at::Tensor> wc;  // each weight contiguous (itself unless it is a strided view)
-  at::Tensor wzc;              // the first weight's z columns, contiguous ([H0, d])
+  at::Tensor wzc;              // not small d: the first weight's z columns, contiguous ([H0, d])
 };
 
 Prepared prepare(const at::Tensor& z_in, const at::Tensor& t_in, at::TensorList weights, at::TensorList biases,
@@ -727,11 +727,17 @@ Prepared prepare(const at::Tensor& z_in, const at::Tensor& t_in, at::TensorList 
   if (exact) p.wzt = weights[0].narrow(1, 0, p.plan.d).t().contiguous();
   if (p.plan.small) {
     p.w0t = weights[0].t().contiguous();
-    p.wl = weights[p.plan.L - 1].contiguous();
+  } else {
+    p.wzc = weights[0].narrow(1, 0, p.plan.d).contiguous();
   }
   for (const auto& w : weights) p.wc.push_back(w.contiguous());
-  p.wzc = weights[0].narrow(1, 0, p.plan.d).contiguous();
   return p;
+}
+
+// The upstream gradients as the backward passes read them: z's dtype, contiguous [B, d] and [B].
+std::pair<at::Tensor, at::Tensor> upstream(const Prepared& in, const at::Tensor& grad_f, const at::Tensor& grad_trace) {
+  return {grad_f.to(in.z.scalar_type()).reshape({in.plan.B, in.plan.d}).contiguous(),
+          grad_trace.to(in.z.scalar_type()).reshape({in.plan.B}).contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_prepared(const Prepared& in, at::TensorList weights) {
@@ -739,7 +745,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_prepared(const Prepared& in, 
   const Act act = plan.act;
   const bool exact = plan.exact;
   const int64_t B = plan.B, d = plan.d, m = plan.m, L = plan.L;
-  const at::Tensor &z = in.z, &t = in.t, &eps = in.eps, &wzt = in.wzt, &w0t = in.w0t, &wl = in.wl;
+  const at::Tensor &z = in.z, &t = in.t, &eps = in.eps, &wzt = in.wzt, &w0t = in.w0t, &wl = in.wc.back();
   const std::vector<at::Tensor>& bc = in.bc;
   auto acts = at::empty({acts_numel(B, m, exact, weights)}, z.options());
   auto f = at::empty({B, d}, z.options());
@@ -813,7 +819,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   const Act act = plan.act;
   const bool exact = plan.exact;
   const int64_t B = plan.B, d = plan.d, m = plan.m, L = plan.L;
-  const at::Tensor &z = in.z, &t = in.t, &eps = in.eps, &wzt = in.wzt, &w0t = in.w0t, &wl = in.wl;
+  const at::Tensor &z = in.z, &t = in.t, &eps = in.eps, &wzt = in.wzt, &w0t = in.w0t, &wl = in.wc.back();
   const std::vector<at::Tensor>& bc = in.bc;
   TORCH_CHECK_VALUE(acts.numel() == acts_numel(B, m, exact, weights), "flowops.mlp_trace_bwd: acts has ",
                     acts.numel(), " elements, expected ", acts_numel(B, m, exact, weights));
@@ -830,8 +836,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   auto gz = at::empty({B, d}, z.options());
   auto gt = at::empty({B}, z.options());
   if (B == 0) return {gz, gt, gws, gbs};
-  auto gf = grad_f.to(z.scalar_type()).reshape({B, d}).contiguous();
-  auto gtr = grad_trace.to(z.scalar_type()).reshape({B}).contiguous();
+  const auto [gf, gtr] = upstream(in, grad_f, grad_trace);
   auto actc = acts.contiguous();
   const int64_t C = plan.C;
   // Parallel chunks: one flat slot of all parameter gradients per chunk, summed in chunk order below.
@@ -1049,8 +1054,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   const bool keep_pre = p.act == Act::SILU;
   const auto opts = in.z.options();
   const double scale = p.exact ? 1.0 : 1.0 / static_cast<double>(m);
-  auto gf = grad_f.to(in.z.scalar_type()).reshape({B, d}).contiguous();
-  auto gtr = grad_trace.to(in.z.scalar_type()).reshape({B}).contiguous();
+  const auto [gf, gtr] = upstream(in, grad_f, grad_trace);
   std::vector<at::Tensor> gws(L), gbs(L);
   at::Tensor G = at::empty({R * B, d}, opts);
   for (int64_t b0 = 0; b0 < B; b0 += C) {
@@ -1066,9 +1070,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
     gbs[l] = at::zeros_like(biases[l], at::MemoryFormat::Contiguous);
     at::Tensor src = keep_pre ? saved.pre[l - 1] : X;
     at::Tensor Gn = consume ? src : at::empty_like(src);
-    if (consume) {  // X's last reader was the weight gradient above (SiLU: the pass reads pre)
+    if (consume && keep_pre) {  // SiLU: X's last reader was the weight gradient above (the pass reads pre)
       X.reset();
-      if (keep_pre) saved.X[l - 1].reset();
+      saved.X[l - 1].reset();
     }
     for (int64_t b0 = 0; b0 < B; b0 += C) {
       const int64_t n = std::min(C, B - b0);
