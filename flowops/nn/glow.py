@@ -18,6 +18,8 @@ from torch import nn
 
 from .. import _backend, ops
 from .base import Compose, Transform
+from ..ops.conv_net import _fast as conv_net_fast
+from ..ops.conv_net import conv_net_params
 from .conditioners import conv_net
 from .coupling import AdditiveCoupling, AffineCoupling
 
@@ -352,11 +354,17 @@ def _relu_(h: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_layout(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """``module(h)`` for a convolutional conditioner; outside the reference backend, on the CPU, it runs in
-    the channels-last layout (oneDNN's convolutions skip their per-call layout reorders there: about 1.6x
-    faster forward + backward for Glow's 3x3 convolutions at 16x16 with 128 hidden channels) and the
-    result comes back contiguous NCHW. Values are the same up to float rounding."""
+    """``module(h)`` for a convolutional conditioner. Outside the reference backend, on the CPU, Glow's own
+    conditioner (:func:`flowops.nn.conv_net`, recognized by :func:`flowops.ops.conv_net.conv_net_params`)
+    runs as the fused op :func:`flowops.ops.conv_net` where the C++ extension has it (float32/float64, not
+    under torch.compile); any other convolutional module runs in the channels-last layout (oneDNN's
+    convolutions skip their per-call layout reorders there: about 1.6x faster forward + backward for Glow's
+    3x3 convolutions at 16x16 with 128 hidden channels). The result is contiguous NCHW; values are the
+    same up to float rounding."""
     if h.dim() == 4 and h.device.type == "cpu" and _fused(h):
+        params = conv_net_params(module)
+        if params is not None and conv_net_fast(h):
+            return ops.conv_net(h, *params)
         h = h.contiguous(memory_format=torch.channels_last)
         if isinstance(module, nn.Sequential):
             for m in module:  # ReLUs in place: no extra activation buffer (autograd keeps only their output)

@@ -15,3 +15,6 @@ __all__ += ["actnorm_invconv"]
 from .mlp_trace import mlp_trace  # noqa: E402
 
 __all__ += ["mlp_trace"]
+from .conv_net import conv_net  # noqa: E402
+
+__all__ += ["conv_net"]

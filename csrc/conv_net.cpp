@@ -1,0 +1,289 @@
+// The Glow conditioner as one op: conv3x3 -> ReLU -> conv1x1 -> ReLU -> conv3x3 (stride 1, zero padding 1,
+// biases), forward and backward, on GEMMs over the N * H * W pixels held as channels-last rows.
+//
+// With P pixels, C input, K hidden and O output channels:
+//   forward   col = im2col(x) [P, 9C];  H1 = relu(col W1 + b1);  H2 = relu(H1 W2^T + b2)  ([P, K] each);
+//             G = H2 W3 [P, 9O] (every tap's contribution at its source pixel); y = b3 + sum of G over the
+//             nine taps, each read at its shifted pixel, written NCHW.
+//   backward  dcol3 [P, 9O] = the output gradient gathered at each source pixel for every tap;
+//             dW3 = H2^T dcol3, dH2 = dcol3 W3^T; dA2 = dH2 [H2 > 0]; dW2 = dA2^T H1, dH1 = dA2 W2;
+//             dA1 = dH1 [H1 > 0]; dW1 = col^T dA1; dcol = dA1 W1^T; dx = the taps of dcol summed back to
+//             their source pixels (col2im), written NCHW.
+// W1 = w1 as [9C, K] (row (kh * 3 + kw) * C + c) and W3 = w3 as [K, 9O] (column (kh * 3 + kw) * O + o) are
+// rebuilt per call (a few KB). The products are the float brgemm tiles of gemm.h (float64: at::mm); the
+// padding never enters a product (no zero rows, no border pixels), and the 3x3 convolution with few output
+// channels is one GEMM against all nine taps instead of nine thin ones. The node saves col, H1 and H2.
+// torch.compile and other devices run the nn.Conv2d modules (flowops/nn/glow.py decides).
+#include "flowops.h"
+#include "gemm.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace flowops {
+namespace {
+
+using namespace blas;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct Geom {
+  int64_t N, C, H, W, K, O, P;
+};
+
+void check_param(const at::Tensor& t, const at::Tensor& x, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, "flowops.conv_net: ", name, " must have shape ", shape, ", got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), "flowops.conv_net: ", name, " has dtype ",
+                    t.scalar_type(), ", x has ", x.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "flowops.conv_net: ", name, " is on ", t.device(), ", x on ",
+                    x.device());
+}
+
+Geom check(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+           const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "flowops.conv_net: x must be [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "flowops.conv_net (C++) runs on CPU tensors, got ", x.device());
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                    "flowops.conv_net: x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(w1.dim() == 4 && w3.dim() == 4, "flowops.conv_net: w1 and w3 must be 4-d conv weights, got ",
+                    w1.sizes(), " and ", w3.sizes());
+  Geom g{x.size(0), x.size(1), x.size(2), x.size(3), w1.size(0), w3.size(0), x.size(0) * x.size(2) * x.size(3)};
+  check_param(w1, x, "w1", {g.K, g.C, 3, 3});
+  check_param(b1, x, "b1", {g.K});
+  check_param(w2, x, "w2", {g.K, g.K, 1, 1});
+  check_param(b2, x, "b2", {g.K});
+  check_param(w3, x, "w3", {g.O, g.K, 3, 3});
+  check_param(b3, x, "b3", {g.O});
+  return g;
+}
+
+// at::parallel_for over the N * H image rows: fn(n, h).
+template <typename F>
+void for_rows(const Geom& g, int64_t cost_per_row, const F& fn) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, cost_per_row));
+  at::parallel_for(0, g.N * g.H, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) fn(r / g.H, r % g.H);
+  });
+}
+
+// dst [P, 9D] (row p = pixel (n, h, w)): tap t = kh * 3 + kw of pixel (h, w) holds src's row of pixel
+// (h + s * (kh - 1), w + s * (kw - 1)), zero outside the image. src [P, D] channels-last rows. s = +1 is
+// im2col (the input each output pixel reads), s = -1 gathers an output gradient at every source pixel.
+template <typename T>
+void gather_taps(T* dst, const T* src, const Geom& g, int64_t D, int64_t s) {
+  for_rows(g, 9 * D * g.W, [&](int64_t n, int64_t h) {
+    for (int64_t w = 0; w < g.W; ++w) {
+      T* out = dst + ((n * g.H + h) * g.W + w) * 9 * D;
+      for (int64_t t = 0; t < 9; ++t, out += D) {
+        const int64_t hh = h + s * (t / 3 - 1), ww = w + s * (t % 3 - 1);
+        if (hh < 0 || hh >= g.H || ww < 0 || ww >= g.W) {
+          std::fill(out, out + D, T(0));
+        } else {
+          std::copy_n(src + ((n * g.H + hh) * g.W + ww) * D, D, out);
+        }
+      }
+    }
+  });
+}
+
+// out[n, d, h, w] (NCHW, contiguous) = bias[d] + sum over taps t of taps[pixel (h - s (kh - 1), w - s (kw - 1)),
+// t * D + d] (taps [P, 9D]): s = +1 sums each tap's contribution at the pixel it reads from (the last
+// convolution's output), s = -1 with bias = nullptr is col2im (the input gradient).
+template <typename T>
+void scatter_taps(T* out, const T* taps, const T* bias, const Geom& g, int64_t D, int64_t s) {
+  for_rows(g, 9 * D * g.W, [&](int64_t n, int64_t h) {
+    std::vector<T> acc(static_cast<size_t>(g.W * D));
+    for (int64_t w = 0; w < g.W; ++w) {
+      T* a = acc.data() + w * D;
+      for (int64_t d = 0; d < D; ++d) a[d] = bias ? bias[d] : T(0);
+      for (int64_t t = 0; t < 9; ++t) {
+        const int64_t hh = h + s * (t / 3 - 1), ww = w + s * (t % 3 - 1);
+        if (hh < 0 || hh >= g.H || ww < 0 || ww >= g.W) continue;
+        const T* src = taps + ((n * g.H + hh) * g.W + ww) * 9 * D + t * D;
+        for (int64_t d = 0; d < D; ++d) a[d] += src[d];
+      }
+    }
+    const int64_t HW = g.H * g.W;
+    T* o = out + n * D * HW + h * g.W;
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t w = 0; w < g.W; ++w) o[d * HW + w] = acc[w * D + d];
+    }
+  });
+}
+
+// x (any strides) -> channels-last rows [P, C].
+at::Tensor rows_of(const at::Tensor& x, const Geom& g) {
+  return x.permute({0, 2, 3, 1}).contiguous().view({g.P, x.size(1)});
+}
+
+// A (in place, [P, K]) = relu(A + b).
+template <typename T>
+void bias_relu(T* a, const T* b, int64_t P, int64_t K) {
+  at::parallel_for(0, P, std::max<int64_t>(1, 32768 / K), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      T* r = a + p * K;
+      for (int64_t k = 0; k < K; ++k) r[k] = std::max(r[k] + b[k], T(0));
+    }
+  });
+}
+
+// G (in place) = G where H > 0, else 0 (the ReLU's backward, H its output).
+template <typename T>
+void relu_mask(T* gr, const T* h, int64_t numel) {
+  at::parallel_for(0, numel, 65536, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) gr[i] = h[i] > T(0) ? gr[i] : T(0);
+  });
+}
+
+struct Weights {
+  at::Tensor W1, W2, W3;  // [9C, K], [K, K] (w2 as stored), [K, 9O]
+};
+
+Weights weight_matrices(const Geom& g, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3) {
+  return {w1.permute({2, 3, 1, 0}).reshape({9 * g.C, g.K}).contiguous(), w2.reshape({g.K, g.K}).contiguous(),
+          w3.permute({1, 2, 3, 0}).reshape({g.K, 9 * g.O}).contiguous()};
+}
+
+struct Forward {
+  at::Tensor y, col, H1, H2;
+};
+
+Forward forward_impl(const at::Tensor& x, const Weights& m, const at::Tensor& b1, const at::Tensor& b2,
+                     const at::Tensor& b3, const Geom& g) {
+  const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  Forward f;
+  f.y = at::empty({g.N, g.O, g.H, g.W}, opts);
+  if (g.P == 0) return f;
+  const at::Tensor xr = rows_of(x, g);
+  f.col = at::empty({g.P, 9 * g.C}, opts);
+  f.H1 = at::empty({g.P, g.K}, opts);
+  f.H2 = at::empty({g.P, g.K}, opts);
+  auto G = at::empty({g.P, 9 * g.O}, opts);
+  const auto bb1 = b1.contiguous(), bb2 = b2.contiguous(), bb3 = b3.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_net_fwd", [&] {
+    gather_taps<scalar_t>(f.col.mutable_data_ptr<scalar_t>(), xr.const_data_ptr<scalar_t>(), g, g.C, 1);
+    gemm_nn(f.H1, f.col, m.W1);
+    bias_relu<scalar_t>(f.H1.mutable_data_ptr<scalar_t>(), bb1.const_data_ptr<scalar_t>(), g.P, g.K);
+    gemm_nt(f.H2, f.H1, m.W2);
+    bias_relu<scalar_t>(f.H2.mutable_data_ptr<scalar_t>(), bb2.const_data_ptr<scalar_t>(), g.P, g.K);
+    gemm_nn(G, f.H2, m.W3);
+    scatter_taps<scalar_t>(f.y.mutable_data_ptr<scalar_t>(), G.const_data_ptr<scalar_t>(),
+                           bb3.const_data_ptr<scalar_t>(), g, g.O, 1);
+  });
+  return f;
+}
+
+// Gradients (x, w1, b1, w2, b2, w3, b3); gx undefined unless need_x.
+std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const Forward& f, const Weights& m, const Geom& g,
+                                      bool need_x) {
+  const auto opts = gy.options().memory_format(at::MemoryFormat::Contiguous);
+  std::vector<at::Tensor> out(7);
+  if (g.P == 0) {
+    out[0] = need_x ? at::zeros({g.N, g.C, g.H, g.W}, opts) : at::Tensor();
+    out[1] = at::zeros({g.K, g.C, 3, 3}, opts);
+    out[2] = at::zeros({g.K}, opts);
+    out[3] = at::zeros({g.K, g.K, 1, 1}, opts);
+    out[4] = at::zeros({g.K}, opts);
+    out[5] = at::zeros({g.O, g.K, 3, 3}, opts);
+    out[6] = at::zeros({g.O}, opts);
+    return out;
+  }
+  const at::Tensor gr = rows_of(gy, g);
+  auto dcol3 = at::empty({g.P, 9 * g.O}, opts);
+  auto dW3 = at::empty({g.K, 9 * g.O}, opts);
+  auto dA2 = at::empty({g.P, g.K}, opts);
+  auto dW2 = at::empty({g.K, g.K}, opts);
+  auto dA1 = at::empty({g.P, g.K}, opts);
+  auto dW1 = at::empty({9 * g.C, g.K}, opts);
+  AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "conv_net_bwd", [&] {
+    gather_taps<scalar_t>(dcol3.mutable_data_ptr<scalar_t>(), gr.const_data_ptr<scalar_t>(), g, g.O, -1);
+    gemm_tn(dW3, f.H2, dcol3, false);
+    gemm_nt(dA2, dcol3, m.W3);
+    relu_mask<scalar_t>(dA2.mutable_data_ptr<scalar_t>(), f.H2.const_data_ptr<scalar_t>(), dA2.numel());
+    gemm_tn(dW2, dA2, f.H1, false);
+    gemm_nn(dA1, dA2, m.W2);
+    relu_mask<scalar_t>(dA1.mutable_data_ptr<scalar_t>(), f.H1.const_data_ptr<scalar_t>(), dA1.numel());
+    gemm_tn(dW1, f.col, dA1, false);
+    if (need_x) {
+      auto dcol = at::empty({g.P, 9 * g.C}, opts);
+      gemm_nt(dcol, dA1, m.W1);
+      out[0] = at::empty({g.N, g.C, g.H, g.W}, opts);
+      scatter_taps<scalar_t>(out[0].mutable_data_ptr<scalar_t>(), dcol.const_data_ptr<scalar_t>(), nullptr, g, g.C,
+                             -1);
+    }
+  });
+  out[1] = dW1.view({3, 3, g.C, g.K}).permute({3, 2, 0, 1}).contiguous();
+  out[2] = dA1.sum(0);
+  out[3] = dW2.view({g.K, g.K, 1, 1});
+  out[4] = dA2.sum(0);
+  out[5] = dW3.view({g.K, 3, 3, g.O}).permute({3, 0, 1, 2}).contiguous();
+  out[6] = gr.sum(0);
+  return out;
+}
+
+class ConvNetFn : public torch::autograd::Function<ConvNetFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                               const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3,
+                               const at::Tensor& b3) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const Geom g = check(x, w1, b1, w2, b2, w3, b3);
+    Weights m = weight_matrices(g, w1, w2, w3);
+    Forward f = forward_impl(x, m, b1, b2, b3, g);
+    ctx->save_for_backward({f.col, f.H1, f.H2, m.W1, m.W2, m.W3});
+    ctx->saved_data["geom"] = std::vector<int64_t>{g.N, g.C, g.H, g.W, g.K, g.O, g.P};
+    return {f.y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_first_order("conv_net");
+    auto s = ctx->get_saved_variables();
+    const auto v = ctx->saved_data["geom"].toIntVector();
+    const Geom g{v[0], v[1], v[2], v[3], v[4], v[5], v[6]};
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    if (!grads[0].defined()) return variable_list(7);
+    Forward f{at::Tensor(), s[0], s[1], s[2]};
+    Weights m{s[3], s[4], s[5]};
+    return backward_impl(grads[0], f, m, g, ctx->needs_input_grad(0));
+  }
+};
+
+at::Tensor conv_net_plain(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                          const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3) {
+  const Geom g = check(x, w1, b1, w2, b2, w3, b3);
+  return forward_impl(x, weight_matrices(g, w1, w2, w3), b1, b2, b3, g).y;
+}
+
+at::Tensor conv_net_autograd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                             const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3) {
+  const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || w1.requires_grad() || b1.requires_grad() ||
+                                                   w2.requires_grad() || b2.requires_grad() ||
+                                                   w3.requires_grad() || b3.requires_grad());
+  if (!grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return conv_net_plain(x, w1, b1, w2, b2, w3, b3);
+  }
+  return ConvNetFn::apply(x, w1, b1, w2, b2, w3, b3)[0];
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(flowops, m) {
+  m.def("conv_net(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(flowops, CPU, m) {
+  m.impl("conv_net", &conv_net_plain);
+}
+
+TORCH_LIBRARY_IMPL(flowops, Autograd, m) {
+  m.impl("conv_net", &conv_net_autograd);
+}
+
+}  // namespace flowops

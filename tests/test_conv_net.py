@@ -1,0 +1,197 @@
+"""The fused Glow conditioner (flowops.ops.conv_net) against F.conv2d + ReLU: outputs and every gradient,
+float64 gradcheck, awkward shapes and layouts, the no-grad and empty-batch paths, bad input, and the
+Glow model routing its conditioners through it."""
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from flowops import _backend, ops
+from flowops.models.glow import Glow
+from flowops.nn import conv_net as make_conv_net
+
+CN = sys.modules["flowops.ops.conv_net"]
+needs_cpp = pytest.mark.skipif(not CN._cpp_op(), reason="C++ extension not built")
+
+
+def make(c, o, k, dtype=torch.float64, scale=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+
+    return [r(k, c, 3, 3), r(k), r(k, k, 1, 1), r(k), r(o, k, 3, 3), r(o)]
+
+
+def grads(y, inputs, gy):
+    return torch.autograd.grad(y, inputs, gy, allow_unused=True)
+
+
+def assert_close(a, b, rtol):
+    scale = b.abs().max().clamp_min(1e-30)
+    assert (a - b).abs().max() <= rtol * scale, ((a - b).abs().max().item(), scale.item())
+
+
+# (N, C, H, W, hidden, out): odd and non-square images, 1x1 and 1xW images, one channel, one sample,
+# hidden sizes that are not multiples of the 64-wide tiles, and Glow's three levels
+SHAPES = [(2, 3, 5, 7, 20, 6), (1, 1, 1, 1, 4, 2), (3, 2, 1, 9, 8, 4), (2, 6, 16, 16, 70, 12),
+          (4, 12, 8, 8, 128, 24), (3, 24, 4, 4, 128, 48), (2, 5, 3, 2, 130, 1)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_conv2d_reference(shape, dtype, rtol):
+    n, c, h, w, k, o = shape
+    ps = make(c, o, k, dtype)
+    x = torch.randn(n, c, h, w, dtype=torch.float64).to(dtype).requires_grad_()
+    y = torch.ops.flowops.conv_net(x, *ps)
+    ref = CN.conv_net_reference(x, *ps)
+    assert y.shape == ref.shape and y.is_contiguous()
+    assert_close(y, ref, rtol)
+    gy = torch.randn_like(ref)
+    for a, b in zip(grads(y, [x, *ps], gy), grads(ref, [x, *ps], gy)):
+        assert a.shape == b.shape
+        assert_close(a, b, rtol)
+
+
+@needs_cpp
+@pytest.mark.parametrize("layout", ["channel_slice", "channels_last", "transposed_hw"])
+def test_strided_inputs(layout):
+    ps = make(4, 6, 16)
+    base = torch.randn(3, 9, 6, 5, dtype=torch.float64)
+    if layout == "channel_slice":  # the coupling's pass-through half: a view into the full activation
+        x = base[:, 2:6]
+    elif layout == "channels_last":
+        x = base[:, :4].contiguous(memory_format=torch.channels_last)
+    else:
+        x = base[:, :4].transpose(2, 3)
+    x.requires_grad_()
+    y = ops.conv_net(x, *ps)
+    ref = CN.conv_net_reference(x, *ps)
+    assert_close(y, ref, 1e-12)
+    gy = torch.randn_like(ref).transpose(2, 3).contiguous().transpose(2, 3)  # a non-contiguous upstream gradient
+    for a, b in zip(grads(y, [x, *ps], gy), grads(ref, [x, *ps], gy)):
+        assert_close(a, b, 1e-12)
+
+
+@needs_cpp
+def test_gradcheck_float64():
+    ps = make(3, 4, 5)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.flowops.conv_net(*a), (x, *ps))
+
+
+@needs_cpp
+def test_partial_requires_grad_and_no_grad():
+    ps = make(3, 4, 8)
+    frozen = [p.detach() for p in ps[:2]] + ps[2:]  # first conv frozen, x a constant
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    y = ops.conv_net(x, *frozen)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, ps[2:], gy)
+    want = torch.autograd.grad(CN.conv_net_reference(x, *frozen), ps[2:], gy)
+    for a, b in zip(got, want):
+        assert_close(a, b, 1e-12)
+    with torch.no_grad():
+        y0 = ops.conv_net(x, *ps)
+    assert not y0.requires_grad
+    assert torch.equal(y0, y.detach())
+
+
+@needs_cpp
+def test_retain_graph_and_second_order():
+    ps = make(3, 4, 8)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    y = ops.conv_net(x, *ps)
+    gy = torch.randn_like(y)
+    g1 = torch.autograd.grad(y, [x, *ps], gy, retain_graph=True)
+    g2 = torch.autograd.grad(y, [x, *ps], gy)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    y = ops.conv_net(x, *ps)
+    with pytest.raises(RuntimeError, match="higher-order gradients"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
+@needs_cpp
+def test_empty_batch():
+    ps = make(3, 4, 8)
+    x = torch.zeros(0, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    y = ops.conv_net(x, *ps)
+    assert y.shape == (0, 4, 5, 5)
+    gs = torch.autograd.grad(y.sum(), [x, *ps])
+    assert gs[0].shape == x.shape
+    for g, p in zip(gs[1:], ps):
+        assert g.shape == p.shape and not g.any()
+
+
+def test_bad_input():
+    ps = make(3, 4, 8, torch.float32)
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.raises(ValueError, match="4-d"):
+        ops.conv_net(x[0], *ps)
+    with pytest.raises(ValueError, match="w1 must have shape"):
+        ops.conv_net(torch.randn(2, 5, 5, 5), *ps)
+    with pytest.raises(ValueError, match="w3 must have shape"):
+        ops.conv_net(x, *ps[:4], ps[4][:, :, :1], ps[5])
+    with pytest.raises(ValueError, match="float64"):
+        ops.conv_net(x.double(), *ps)
+    if CN._cpp_op():  # the registered op checks on its own
+        with pytest.raises(ValueError, match="b2 must have shape"):
+            torch.ops.flowops.conv_net(x, *ps[:3], ps[3][:2], *ps[4:])
+        with pytest.raises(ValueError, match="float32 or float64"):
+            torch.ops.flowops.conv_net(x.half(), *[p.half() for p in ps])
+
+
+def test_reference_backend_and_compile_take_the_composition(monkeypatch):
+    ps = make(3, 4, 8, torch.float32)
+    x = torch.randn(2, 3, 5, 5)
+    called = []
+    real = CN.conv_net_reference
+    monkeypatch.setattr(CN, "conv_net_reference", lambda *a: called.append(1) or real(*a))
+    with _backend.use_backend("reference"):
+        ops.conv_net(x, *ps)
+    assert called
+    monkeypatch.undo()
+    compiled = torch.compile(ops.conv_net, backend="eager", fullgraph=True)  # no graph break: the composition
+    assert_close(compiled(x, *ps), CN.conv_net_reference(x, *ps), 1e-5)
+
+
+def test_conditioner_recognition():
+    net = make_conv_net(4, 6, 16)
+    got = CN.conv_net_params(net)
+    assert got is not None and got[0] is net[0].weight and got[5] is net[4].bias
+    assert CN.conv_net_params(nn.Sequential(*list(net)[:4], nn.Conv2d(16, 6, 5, padding=2))) is None
+    assert CN.conv_net_params(nn.Sequential(*list(net)[:3], nn.Tanh(), net[4])) is None
+    assert CN.conv_net_params(nn.Sequential(nn.Conv2d(4, 16, 3, padding=1, bias=False), *list(net)[1:])) is None
+    assert CN.conv_net_params(nn.Sequential(nn.Conv2d(4, 16, 3, padding=1, padding_mode="reflect"),
+                                            *list(net)[1:])) is None
+    handle = net[2].register_forward_hook(lambda *a: None)
+    assert CN.conv_net_params(net) is None  # hooks must run: the module path
+    handle.remove()
+    assert CN.conv_net_params(net) is not None
+
+
+@needs_cpp
+def test_glow_runs_its_conditioners_through_the_op(monkeypatch):
+    model = Glow((3, 8, 8), levels=2, steps=2, hidden=16).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.normal_(0, 0.1)
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    with _backend.use_backend("reference"):
+        model.log_prob(x)  # ActNorm init
+        ref = model.log_prob(x)
+        g_ref = torch.autograd.grad(ref.sum(), list(model.parameters()))
+    calls = []
+    real = torch.ops.flowops.conv_net
+    monkeypatch.setattr(CN.torch.ops.flowops, "conv_net", lambda *a: calls.append(1) or real(*a), raising=False)
+    out = model.log_prob(x)
+    assert len(calls) == 4  # every coupling of both levels
+    g_out = torch.autograd.grad(out.sum(), list(model.parameters()))
+    assert_close(out, ref, 1e-12)
+    for a, b in zip(g_out, g_ref):
+        assert_close(a, b, 1e-10)
