@@ -98,7 +98,8 @@ void gather_taps(T* dst, const T* src, const Geom& g, int64_t D, int64_t s) {
 template <typename T>
 void scatter_taps(T* out, const T* taps, const T* bias, const Geom& g, int64_t D, int64_t s) {
   for_rows(g, 9 * D * g.W, [&](int64_t n, int64_t h) {
-    std::vector<T> acc(static_cast<size_t>(g.W * D));
+    thread_local std::vector<T> acc;
+    acc.resize(static_cast<size_t>(g.W * D));
     for (int64_t w = 0; w < g.W; ++w) {
       T* a = acc.data() + w * D;
       for (int64_t d = 0; d < D; ++d) a[d] = bias ? bias[d] : T(0);
@@ -168,11 +169,11 @@ Forward forward_impl(const at::Tensor& x, const Weights& m, const at::Tensor& b1
   const auto bb1 = b1.contiguous(), bb2 = b2.contiguous(), bb3 = b3.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_net_fwd", [&] {
     gather_taps<scalar_t>(f.col.mutable_data_ptr<scalar_t>(), xr.const_data_ptr<scalar_t>(), g, g.C, 1);
-    gemm_nn(f.H1, f.col, m.W1);
+    gemm_nn(f.H1, f.col, m.W1, 0);
     bias_relu<scalar_t>(f.H1.mutable_data_ptr<scalar_t>(), bb1.const_data_ptr<scalar_t>(), g.P, g.K);
     gemm_nt(f.H2, f.H1, m.W2);
     bias_relu<scalar_t>(f.H2.mutable_data_ptr<scalar_t>(), bb2.const_data_ptr<scalar_t>(), g.P, g.K);
-    gemm_nn(G, f.H2, m.W3);
+    gemm_nn(G, f.H2, m.W3, 0);
     scatter_taps<scalar_t>(f.y.mutable_data_ptr<scalar_t>(), G.const_data_ptr<scalar_t>(),
                            bb3.const_data_ptr<scalar_t>(), g, g.O, 1);
   });
@@ -195,35 +196,39 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const Forward& f, co
     return out;
   }
   const at::Tensor gr = rows_of(gy, g);
-  auto dcol3 = at::empty({g.P, 9 * g.O}, opts);
+  out[6] = gr.sum(0);
+  // each buffer is released as soon as the next one no longer needs it (the peak holds two [P, K] ones)
   auto dW3 = at::empty({g.K, 9 * g.O}, opts);
-  auto dA2 = at::empty({g.P, g.K}, opts);
   auto dW2 = at::empty({g.K, g.K}, opts);
-  auto dA1 = at::empty({g.P, g.K}, opts);
   auto dW1 = at::empty({9 * g.C, g.K}, opts);
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "conv_net_bwd", [&] {
+    auto dcol3 = at::empty({g.P, 9 * g.O}, opts);
     gather_taps<scalar_t>(dcol3.mutable_data_ptr<scalar_t>(), gr.const_data_ptr<scalar_t>(), g, g.O, -1);
-    gemm_tn(dW3, f.H2, dcol3, false);
+    gemm_tn_split_k(dW3, f.H2, dcol3);
+    auto dA2 = at::empty({g.P, g.K}, opts);
     gemm_nt(dA2, dcol3, m.W3);
+    dcol3.reset();
     relu_mask<scalar_t>(dA2.mutable_data_ptr<scalar_t>(), f.H2.const_data_ptr<scalar_t>(), dA2.numel());
-    gemm_tn(dW2, dA2, f.H1, false);
-    gemm_nn(dA1, dA2, m.W2);
+    out[4] = dA2.sum(0);
+    gemm_tn_split_k(dW2, dA2, f.H1);
+    auto dA1 = at::empty({g.P, g.K}, opts);
+    gemm_nn(dA1, dA2, m.W2, 0);
+    dA2.reset();
     relu_mask<scalar_t>(dA1.mutable_data_ptr<scalar_t>(), f.H1.const_data_ptr<scalar_t>(), dA1.numel());
-    gemm_tn(dW1, f.col, dA1, false);
+    out[2] = dA1.sum(0);
+    gemm_tn_split_k(dW1, f.col, dA1);
     if (need_x) {
       auto dcol = at::empty({g.P, 9 * g.C}, opts);
       gemm_nt(dcol, dA1, m.W1);
+      dA1.reset();
       out[0] = at::empty({g.N, g.C, g.H, g.W}, opts);
       scatter_taps<scalar_t>(out[0].mutable_data_ptr<scalar_t>(), dcol.const_data_ptr<scalar_t>(), nullptr, g, g.C,
                              -1);
     }
   });
   out[1] = dW1.view({3, 3, g.C, g.K}).permute({3, 2, 0, 1}).contiguous();
-  out[2] = dA1.sum(0);
   out[3] = dW2.view({g.K, g.K, 1, 1});
-  out[4] = dA2.sum(0);
   out[5] = dW3.view({g.K, 3, 3, g.O}).permute({3, 0, 1, 2}).contiguous();
-  out[6] = gr.sum(0);
   return out;
 }
 

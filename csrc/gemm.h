@@ -67,8 +67,9 @@ inline void for_blocks(int64_t M, int64_t rows, int64_t N, int64_t cols, const F
 }
 #endif
 
-// C = A B: A [M, K], B [K, N]; blocks of 64 rows x 256 columns of C.
-inline void gemm_nn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
+// C = A B: A [M, K], B [K, N]; blocks of `rows` (default 64) rows x 256 columns of C; rows = 0: as many rows
+// per block as leave two blocks per thread (see split_rows).
+inline void gemm_nn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B, int64_t rows = kTile) {
   if (!brgemm_ok(C, A, B) || A.size(1) == 0) {
     at::mm_out(C, A, B);
     return;
@@ -78,7 +79,9 @@ inline void gemm_nn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
   const float* a = A.const_data_ptr<float>();
   const float* b = B.const_data_ptr<float>();
   float* c = C.mutable_data_ptr<float>();
-  for_blocks(M, kTile, N, 256, [&](int64_t i, int64_t mi, int64_t j, int64_t nj, float*) {
+  const int64_t cols = rows <= 0 ? kTile : 256;
+  if (rows <= 0) rows = split_rows(M, (N + cols - 1) / cols);
+  for_blocks(M, rows, N, cols, [&](int64_t i, int64_t mi, int64_t j, int64_t nj, float*) {
     brgemm(mi, nj, K, K, N, N, false, a + i * K, b + j, c + i * N + j);
   });
 #endif
@@ -126,6 +129,40 @@ inline void gemm_nt(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) { g
 
 inline void gemm_tn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B, bool accumulate) {
   gemm_t(C, A, B, true, accumulate);
+}
+
+// C = A^T B for A [K, M], B [K, N] with a long K (pixels) and a small result (a weight gradient): K is split
+// between the threads, each accumulating a whole [M, N] partial over its rows through brgemm (its 64-row
+// slices of A transposed into a per-thread buffer, each once), and the partials are summed into C.
+inline void gemm_tn_split_k(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
+  const int64_t K = A.size(0), M = A.size(1), N = B.size(1);
+  if (!brgemm_ok(C, A, B) || K == 0) {
+    at::mm_out(C, A.t(), B);
+    return;
+  }
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t parts_wanted = std::max<int64_t>(1, std::min<int64_t>(threads, K / 128));
+  const int64_t chunk = ((K + parts_wanted - 1) / parts_wanted + kTile - 1) / kTile * kTile;
+  const int64_t parts = (K + chunk - 1) / chunk;
+  at::Tensor partial = parts > 1 ? at::empty({parts - 1, M, N}, C.options()) : at::Tensor();
+  const float* a = A.const_data_ptr<float>();
+  const float* b = B.const_data_ptr<float>();
+  at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+    thread_local std::vector<float> buf;
+    buf.resize(static_cast<size_t>(M * kTile));
+    for (int64_t q = q0; q < q1; ++q) {
+      float* c = q == 0 ? C.mutable_data_ptr<float>() : partial.mutable_data_ptr<float>() + (q - 1) * M * N;
+      const int64_t k_begin = q * chunk, k_end = std::min(K, k_begin + chunk);
+      for (int64_t k0 = k_begin; k0 < k_end; k0 += kTile) {
+        const int64_t kb = std::min(kTile, k_end - k0);
+        at::vec::transpose_mxn<float>(a + k0 * M, M, buf.data(), kb, static_cast<int>(kb), static_cast<int>(M));
+        brgemm(M, N, kb, kb, N, N, k0 > k_begin, buf.data(), b + k0 * N, c);
+      }
+    }
+  });
+  if (parts > 1) C.add_(partial.sum(0));
+#endif
 }
 
 }  // namespace blas

@@ -1188,6 +1188,40 @@ register_op(OpSpec(
 ))
 
 
+def _cn_inputs(shape, dtype, device, generator, opts):
+    """x [N, C, H, W] and Glow's conditioner weights for it: hidden 128, 2C outputs."""
+    if len(shape) != 4:
+        raise ValueError(f"conv_net shapes are batch x channels x height x width, got {shape}")
+    c, k = shape[1], 128
+    o = 2 * c
+
+    def w(*s, fan):
+        return _randn(s, dtype, device, generator, std=fan ** -0.5)
+
+    return (_randn(shape, dtype, device, generator), w(k, c, 3, 3, fan=9 * c), w(k, fan=9 * c),
+            w(k, k, 1, 1, fan=k), w(k, fan=k), w(o, k, 3, 3, fan=9 * k), w(o, fan=9 * k))
+
+
+def _cn_ref(x, *params, inverse=False):
+    from .ops.conv_net import conv_net_reference
+
+    return conv_net_reference(x, *params)
+
+
+def _cn_fused(x, *params, inverse=False):
+    return _ops.conv_net(x, *params)
+
+
+register_op(OpSpec(
+    name="conv_net", make_inputs=_cn_inputs, reference=_cn_ref, flowops=_cn_fused,
+    shapes=[(16, 6, 16, 16), (16, 12, 8, 8), (16, 24, 4, 4)], quick_shapes=[(2, 3, 5, 7)],
+    small_shapes=[(16, 6, 16, 16)], directions=("forward", "fwd+bwd"),
+    labels={(16, 6, 16, 16): "Glow's conditioner conv3x3 -> ReLU -> conv1x1 -> ReLU -> conv3x3, hidden 128, "
+                             "2C outputs; Glow level 1 at batch 16; reference: F.conv2d (NCHW) + ReLU",
+            (16, 12, 8, 8): "Glow level 2 at batch 16", (16, 24, 4, 4): "Glow level 3 at batch 16"},
+))
+
+
 def _glow_model(shape, dtype, device):
     from .models.glow import Glow
 
