@@ -12,7 +12,8 @@
 // W1 = w1 as [9C, K] (row (kh * 3 + kw) * C + c) and W3 = w3 as [K, 9O] (column (kh * 3 + kw) * O + o) are
 // rebuilt per call (a few KB). The products are the float brgemm tiles of gemm.h (float64: at::mm); the
 // padding never enters a product (no zero rows, no border pixels), and the 3x3 convolution with few output
-// channels is one GEMM against all nine taps instead of nine thin ones. The node saves col, H1 and H2.
+// channels is one GEMM against all nine taps' weights instead of nine thin ones. The node saves x (no copy),
+// H1 and H2; the backward rebuilds col from x.
 // torch.compile and other devices run the nn.Conv2d modules (flowops/nn/glow.py decides).
 #include "flowops.h"
 #include "gemm.h"
@@ -152,8 +153,17 @@ Weights weight_matrices(const Geom& g, const at::Tensor& w1, const at::Tensor& w
 }
 
 struct Forward {
-  at::Tensor y, col, H1, H2;
+  at::Tensor y, H1, H2;
 };
+
+at::Tensor im2col(const at::Tensor& x, const Geom& g) {
+  const at::Tensor xr = rows_of(x, g);
+  auto col = at::empty({g.P, 9 * g.C}, xr.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_net_im2col", [&] {
+    gather_taps<scalar_t>(col.mutable_data_ptr<scalar_t>(), xr.const_data_ptr<scalar_t>(), g, g.C, 1);
+  });
+  return col;
+}
 
 Forward forward_impl(const at::Tensor& x, const Weights& m, const at::Tensor& b1, const at::Tensor& b2,
                      const at::Tensor& b3, const Geom& g) {
@@ -161,15 +171,13 @@ Forward forward_impl(const at::Tensor& x, const Weights& m, const at::Tensor& b1
   Forward f;
   f.y = at::empty({g.N, g.O, g.H, g.W}, opts);
   if (g.P == 0) return f;
-  const at::Tensor xr = rows_of(x, g);
-  f.col = at::empty({g.P, 9 * g.C}, opts);
+  const at::Tensor col = im2col(x, g);
   f.H1 = at::empty({g.P, g.K}, opts);
   f.H2 = at::empty({g.P, g.K}, opts);
   auto G = at::empty({g.P, 9 * g.O}, opts);
   const auto bb1 = b1.contiguous(), bb2 = b2.contiguous(), bb3 = b3.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_net_fwd", [&] {
-    gather_taps<scalar_t>(f.col.mutable_data_ptr<scalar_t>(), xr.const_data_ptr<scalar_t>(), g, g.C, 1);
-    gemm_nn(f.H1, f.col, m.W1, 0);
+    gemm_nn(f.H1, col, m.W1, 0);
     bias_relu<scalar_t>(f.H1.mutable_data_ptr<scalar_t>(), bb1.const_data_ptr<scalar_t>(), g.P, g.K);
     gemm_nt(f.H2, f.H1, m.W2);
     bias_relu<scalar_t>(f.H2.mutable_data_ptr<scalar_t>(), bb2.const_data_ptr<scalar_t>(), g.P, g.K);
@@ -181,8 +189,8 @@ Forward forward_impl(const at::Tensor& x, const Weights& m, const at::Tensor& b1
 }
 
 // Gradients (x, w1, b1, w2, b2, w3, b3); gx undefined unless need_x.
-std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const Forward& f, const Weights& m, const Geom& g,
-                                      bool need_x) {
+std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x, const Forward& f, const Weights& m,
+                                      const Geom& g, bool need_x) {
   const auto opts = gy.options().memory_format(at::MemoryFormat::Contiguous);
   std::vector<at::Tensor> out(7);
   if (g.P == 0) {
@@ -216,7 +224,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const Forward& f, co
     dA2.reset();
     relu_mask<scalar_t>(dA1.mutable_data_ptr<scalar_t>(), f.H1.const_data_ptr<scalar_t>(), dA1.numel());
     out[2] = dA1.sum(0);
-    gemm_tn_split_k(dW1, f.col, dA1);
+    gemm_tn_split_k(dW1, im2col(x, g), dA1);  // rebuilt: x is kept anyway (the coupling's pass-through half)
     if (need_x) {
       auto dcol = at::empty({g.P, 9 * g.C}, opts);
       gemm_nt(dcol, dA1, m.W1);
@@ -241,7 +249,7 @@ class ConvNetFn : public torch::autograd::Function<ConvNetFn> {
     const Geom g = check(x, w1, b1, w2, b2, w3, b3);
     Weights m = weight_matrices(g, w1, w2, w3);
     Forward f = forward_impl(x, m, b1, b2, b3, g);
-    ctx->save_for_backward({f.col, f.H1, f.H2, m.W1, m.W2, m.W3});
+    ctx->save_for_backward({x, f.H1, f.H2, m.W1, m.W2, m.W3});
     ctx->saved_data["geom"] = std::vector<int64_t>{g.N, g.C, g.H, g.W, g.K, g.O, g.P};
     return {f.y};
   }
@@ -253,9 +261,9 @@ class ConvNetFn : public torch::autograd::Function<ConvNetFn> {
     const Geom g{v[0], v[1], v[2], v[3], v[4], v[5], v[6]};
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     if (!grads[0].defined()) return variable_list(7);
-    Forward f{at::Tensor(), s[0], s[1], s[2]};
+    Forward f{at::Tensor(), s[1], s[2]};
     Weights m{s[3], s[4], s[5]};
-    return backward_impl(grads[0], f, m, g, ctx->needs_input_grad(0));
+    return backward_impl(grads[0], s[0], f, m, g, ctx->needs_input_grad(0));
   }
 };
 
