@@ -156,9 +156,25 @@ struct Forward {
   at::Tensor y, H1, H2;
 };
 
-at::Tensor im2col(const at::Tensor& x, const Geom& g) {
+// Temporaries of one call come from two per-thread scratch slots kept between calls: fresh multi-MB buffers
+// fault their pages in on every call (the temporaries are about twice the saved activations). A slot is kept
+// up to kKeepBytes (larger requests are allocated per call); at Glow's level 1 at batch 16 the two slots hold
+// about 4 MB. Never hand a scratch view out (outputs and saved tensors are fresh).
+constexpr int64_t kKeepBytes = int64_t{64} << 20;
+
+at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+  thread_local at::Tensor kept[2][2];  // [float, double][slot]
+  const int64_t numel = rows * cols;
+  const size_t elem = opts.dtype().itemsize();
+  if (numel * static_cast<int64_t>(elem) > kKeepBytes) return at::empty({rows, cols}, opts);
+  at::Tensor& t = kept[elem == 8 ? 1 : 0][slot];
+  if (!t.defined() || t.numel() < numel) t = at::empty({numel}, opts);
+  return t.narrow(0, 0, numel).view({rows, cols});
+}
+
+at::Tensor im2col(const at::Tensor& x, const Geom& g, int slot) {
   const at::Tensor xr = rows_of(x, g);
-  auto col = at::empty({g.P, 9 * g.C}, xr.options());
+  auto col = scratch(slot, g.P, 9 * g.C, xr.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_net_im2col", [&] {
     gather_taps<scalar_t>(col.mutable_data_ptr<scalar_t>(), xr.const_data_ptr<scalar_t>(), g, g.C, 1);
   });
@@ -171,16 +187,16 @@ Forward forward_impl(const at::Tensor& x, const Weights& m, const at::Tensor& b1
   Forward f;
   f.y = at::empty({g.N, g.O, g.H, g.W}, opts);
   if (g.P == 0) return f;
-  const at::Tensor col = im2col(x, g);
+  const at::Tensor col = im2col(x, g, 0);
   f.H1 = at::empty({g.P, g.K}, opts);
   f.H2 = at::empty({g.P, g.K}, opts);
-  auto G = at::empty({g.P, 9 * g.O}, opts);
   const auto bb1 = b1.contiguous(), bb2 = b2.contiguous(), bb3 = b3.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_net_fwd", [&] {
     gemm_nn(f.H1, col, m.W1, 0);
     bias_relu<scalar_t>(f.H1.mutable_data_ptr<scalar_t>(), bb1.const_data_ptr<scalar_t>(), g.P, g.K);
     gemm_nt(f.H2, f.H1, m.W2);
     bias_relu<scalar_t>(f.H2.mutable_data_ptr<scalar_t>(), bb2.const_data_ptr<scalar_t>(), g.P, g.K);
+    auto G = scratch(0, g.P, 9 * g.O, opts);  // col's slot: col is dead
     gemm_nn(G, f.H2, m.W3, 0);
     scatter_taps<scalar_t>(f.y.mutable_data_ptr<scalar_t>(), G.const_data_ptr<scalar_t>(),
                            bb3.const_data_ptr<scalar_t>(), g, g.O, 1);
@@ -205,30 +221,28 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
   }
   const at::Tensor gr = rows_of(gy, g);
   out[6] = gr.sum(0);
-  // each buffer is released as soon as the next one no longer needs it (the peak holds two [P, K] ones)
+  // temporaries in the two scratch slots, each reused once its previous contents are dead
   auto dW3 = at::empty({g.K, 9 * g.O}, opts);
   auto dW2 = at::empty({g.K, g.K}, opts);
   auto dW1 = at::empty({9 * g.C, g.K}, opts);
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "conv_net_bwd", [&] {
-    auto dcol3 = at::empty({g.P, 9 * g.O}, opts);
+    auto dcol3 = scratch(0, g.P, 9 * g.O, opts);
     gather_taps<scalar_t>(dcol3.mutable_data_ptr<scalar_t>(), gr.const_data_ptr<scalar_t>(), g, g.O, -1);
     gemm_tn_split_k(dW3, f.H2, dcol3);
-    auto dA2 = at::empty({g.P, g.K}, opts);
+    auto dA2 = scratch(1, g.P, g.K, opts);
     gemm_nt(dA2, dcol3, m.W3);
-    dcol3.reset();
     relu_mask<scalar_t>(dA2.mutable_data_ptr<scalar_t>(), f.H2.const_data_ptr<scalar_t>(), dA2.numel());
     out[4] = dA2.sum(0);
     gemm_tn_split_k(dW2, dA2, f.H1);
-    auto dA1 = at::empty({g.P, g.K}, opts);
+    auto dA1 = scratch(0, g.P, g.K, opts);  // dcol3 is dead
     gemm_nn(dA1, dA2, m.W2, 0);
-    dA2.reset();
     relu_mask<scalar_t>(dA1.mutable_data_ptr<scalar_t>(), f.H1.const_data_ptr<scalar_t>(), dA1.numel());
     out[2] = dA1.sum(0);
-    gemm_tn_split_k(dW1, im2col(x, g), dA1);  // rebuilt: x is kept anyway (the coupling's pass-through half)
+    // col rebuilt (x is kept anyway: the coupling's pass-through half) in dA2's slot; dcol after it in the same
+    gemm_tn_split_k(dW1, im2col(x, g, 1), dA1);
     if (need_x) {
-      auto dcol = at::empty({g.P, 9 * g.C}, opts);
+      auto dcol = scratch(1, g.P, 9 * g.C, opts);
       gemm_nt(dcol, dA1, m.W1);
-      dA1.reset();
       out[0] = at::empty({g.N, g.C, g.H, g.W}, opts);
       scatter_taps<scalar_t>(out[0].mutable_data_ptr<scalar_t>(), dcol.const_data_ptr<scalar_t>(), nullptr, g, g.C,
                              -1);
