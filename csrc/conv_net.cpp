@@ -181,22 +181,23 @@ at::Tensor im2col(const at::Tensor& x, const Geom& g, int slot) {
   return col;
 }
 
+// keep: H1 and H2 are fresh tensors for the backward; otherwise (no gradient) they live in the scratch slots.
 Forward forward_impl(const at::Tensor& x, const Weights& m, const at::Tensor& b1, const at::Tensor& b2,
-                     const at::Tensor& b3, const Geom& g) {
+                     const at::Tensor& b3, const Geom& g, bool keep) {
   const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
   Forward f;
   f.y = at::empty({g.N, g.O, g.H, g.W}, opts);
   if (g.P == 0) return f;
   const at::Tensor col = im2col(x, g, 0);
-  f.H1 = at::empty({g.P, g.K}, opts);
-  f.H2 = at::empty({g.P, g.K}, opts);
+  f.H1 = keep ? at::empty({g.P, g.K}, opts) : scratch(1, g.P, g.K, opts);
   const auto bb1 = b1.contiguous(), bb2 = b2.contiguous(), bb3 = b3.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_net_fwd", [&] {
     gemm_nn(f.H1, col, m.W1, 0);
     bias_relu<scalar_t>(f.H1.mutable_data_ptr<scalar_t>(), bb1.const_data_ptr<scalar_t>(), g.P, g.K);
+    f.H2 = keep ? at::empty({g.P, g.K}, opts) : scratch(0, g.P, g.K, opts);  // col is dead
     gemm_nt(f.H2, f.H1, m.W2);
     bias_relu<scalar_t>(f.H2.mutable_data_ptr<scalar_t>(), bb2.const_data_ptr<scalar_t>(), g.P, g.K);
-    auto G = scratch(0, g.P, 9 * g.O, opts);  // col's slot: col is dead
+    auto G = keep ? scratch(0, g.P, 9 * g.O, opts) : scratch(1, g.P, 9 * g.O, opts);  // col or H1: dead
     gemm_nn(G, f.H2, m.W3, 0);
     scatter_taps<scalar_t>(f.y.mutable_data_ptr<scalar_t>(), G.const_data_ptr<scalar_t>(),
                            bb3.const_data_ptr<scalar_t>(), g, g.O, 1);
@@ -261,9 +262,8 @@ class ConvNetFn : public torch::autograd::Function<ConvNetFn> {
                                const at::Tensor& b3) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Geom g = check(x, w1, b1, w2, b2, w3, b3);
-    Weights m = weight_matrices(g, w1, w2, w3);
-    Forward f = forward_impl(x, m, b1, b2, b3, g);
-    ctx->save_for_backward({x, f.H1, f.H2, m.W1, m.W2, m.W3});
+    Forward f = forward_impl(x, weight_matrices(g, w1, w2, w3), b1, b2, b3, g, true);
+    ctx->save_for_backward({x, f.H1, f.H2, w1, w2, w3});  // the weight matrices are rebuilt (KBs)
     ctx->saved_data["geom"] = std::vector<int64_t>{g.N, g.C, g.H, g.W, g.K, g.O, g.P};
     return {f.y};
   }
@@ -276,7 +276,7 @@ class ConvNetFn : public torch::autograd::Function<ConvNetFn> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     if (!grads[0].defined()) return variable_list(7);
     Forward f{at::Tensor(), s[1], s[2]};
-    Weights m{s[3], s[4], s[5]};
+    const Weights m = weight_matrices(g, s[3], s[4], s[5]);
     return backward_impl(grads[0], s[0], f, m, g, ctx->needs_input_grad(0));
   }
 };
@@ -284,7 +284,7 @@ class ConvNetFn : public torch::autograd::Function<ConvNetFn> {
 at::Tensor conv_net_plain(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                           const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3) {
   const Geom g = check(x, w1, b1, w2, b2, w3, b3);
-  return forward_impl(x, weight_matrices(g, w1, w2, w3), b1, b2, b3, g).y;
+  return forward_impl(x, weight_matrices(g, w1, w2, w3), b1, b2, b3, g, false).y;
 }
 
 at::Tensor conv_net_autograd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
