@@ -45,8 +45,8 @@ inline void brgemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, in
 // How many of `extent` rows (or columns) one task takes when the other dimension has only `tiles` tiles: all
 // of them, unless that leaves fewer than two tasks per thread (outside a parallel region), then a split into
 // multiples of 16. (A split re-transposes the shared panels once per block: 64 x K values, cheap.)
-inline int64_t split_rows(int64_t extent, int64_t tiles) {
-  const int64_t want = 2 * (at::in_parallel_region() ? 1 : at::get_num_threads());
+inline int64_t split_rows(int64_t extent, int64_t tiles, int64_t per_thread = 2) {
+  const int64_t want = per_thread * (at::in_parallel_region() ? 1 : at::get_num_threads());
   if (tiles >= want || extent <= 16) return std::max<int64_t>(extent, 1);
   const int64_t blocks = std::min((want + tiles - 1) / tiles, (extent + 15) / 16);
   return ((extent + blocks - 1) / blocks + 15) / 16 * 16;
@@ -67,8 +67,8 @@ inline void for_blocks(int64_t M, int64_t rows, int64_t N, int64_t cols, const F
 }
 #endif
 
-// C = A B: A [M, K], B [K, N]; blocks of `rows` (default 64) rows x 256 columns of C; rows = 0: as many rows
-// per block as leave two blocks per thread (see split_rows).
+// C = A B: A [M, K], B [K, N]; blocks of `rows` (default 64) rows x 256 columns of C; rows = 0: blocks of 64
+// columns and as many rows as leave four blocks per thread (see split_rows).
 inline void gemm_nn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B, int64_t rows = kTile) {
   if (!brgemm_ok(C, A, B) || A.size(1) == 0) {
     at::mm_out(C, A, B);
@@ -80,7 +80,7 @@ inline void gemm_nn(at::Tensor& C, const at::Tensor& A, const at::Tensor& B, int
   const float* b = B.const_data_ptr<float>();
   float* c = C.mutable_data_ptr<float>();
   const int64_t cols = rows <= 0 ? kTile : 256;
-  if (rows <= 0) rows = split_rows(M, (N + cols - 1) / cols);
+  if (rows <= 0) rows = split_rows(M, (N + cols - 1) / cols, 4);  // a partial column tile: balance with more rows
   for_blocks(M, rows, N, cols, [&](int64_t i, int64_t mi, int64_t j, int64_t nj, float*) {
     brgemm(mi, nj, K, K, N, N, false, a + i * K, b + j, c + i * N + j);
   });
