@@ -21,9 +21,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 namespace flowops {
@@ -169,7 +174,96 @@ at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions
   if (numel * static_cast<int64_t>(elem) > kKeepBytes) return at::empty({rows, cols}, opts);
   at::Tensor& t = kept[elem == 8 ? 1 : 0][slot];
   if (!t.defined() || t.numel() < numel) t = at::empty({numel}, opts);
-  return t.narrow(0, 0, numel).view({rows, cols});
+  // a view that reports its bytes to the profiler's memory tracking while it lives (as a fresh buffer would)
+  // and keeps the slot's storage alive (the slot may be regrown while an older view is still in use)
+  const int64_t bytes = numel * static_cast<int64_t>(elem);
+  void* p = t.data_ptr();
+  c10::reportMemoryUsageToProfiler(p, bytes, 0, 0, c10::Device(c10::DeviceType::CPU));
+  return at::from_blob(p, {rows, cols}, [keep = t, bytes](void* q) {
+    c10::reportMemoryUsageToProfiler(q, -bytes, 0, 0, c10::Device(c10::DeviceType::CPU));
+  }, opts);
+}
+
+// The saved hidden activations (H1, H2) come from a process-wide pool of freed buffers, keyed by size: a fresh
+// multi-MB buffer faults its pages in on first touch (about 0.3 - 0.4 ms per 2 MB here, a tenth of a level-1
+// call), and a training step frees and reallocates the same sizes every time. Buffers under 256 KB use the
+// ordinary allocator. The pool keeps at most FLOWOPS_POOL_MB (read once; default 256, 0 = no pool) of freed
+// buffers; flowops::conv_net_empty_cache() hands them back. Deleters may run on any thread (a mutex).
+class Pool {
+ public:
+  void* get(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.find(bytes);
+      if (it != free_.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        held_ -= bytes;
+        return p;
+      }
+    }
+    return c10::alloc_cpu(bytes);
+  }
+  void put(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (held_ + bytes <= cap_) {
+        free_[bytes].push_back(p);
+        held_ += bytes;
+        return;
+      }
+    }
+    c10::free_cpu(p);
+  }
+  int64_t clear() {
+    std::unordered_map<size_t, std::vector<void*>> out;
+    int64_t released;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      out.swap(free_);
+      released = static_cast<int64_t>(held_);
+      held_ = 0;
+    }
+    for (auto& kv : out) {
+      for (void* p : kv.second) c10::free_cpu(p);
+    }
+    return released;
+  }
+  bool enabled() const { return cap_ > 0; }
+  int64_t held() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<int64_t>(held_);
+  }
+
+ private:
+  static size_t cap_from_env() {
+    const char* v = std::getenv("FLOWOPS_POOL_MB");
+    if (v == nullptr || *v == '\0') return size_t{256} << 20;
+    char* end = nullptr;
+    const long long mb = std::strtoll(v, &end, 10);
+    return (end == v || mb <= 0) ? 0 : static_cast<size_t>(mb) << 20;
+  }
+  std::mutex mu_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t held_ = 0;
+  const size_t cap_ = cap_from_env();
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: tensors freed during interpreter exit still hand buffers back
+  return *p;
+}
+
+at::Tensor pooled(int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+  const size_t bytes = static_cast<size_t>(rows * cols) * opts.dtype().itemsize();
+  if (bytes < (size_t{256} << 10) || !pool().enabled()) return at::empty({rows, cols}, opts);
+  void* p = pool().get(bytes);
+  const c10::Device cpu(c10::DeviceType::CPU);  // reported like the CPU allocator's own buffers
+  c10::reportMemoryUsageToProfiler(p, static_cast<int64_t>(bytes), 0, 0, cpu);
+  return at::from_blob(p, {rows, cols}, [bytes, cpu](void* q) {
+    c10::reportMemoryUsageToProfiler(q, -static_cast<int64_t>(bytes), 0, 0, cpu);
+    pool().put(q, bytes);
+  }, opts);
 }
 
 at::Tensor im2col(const at::Tensor& x, const Geom& g, int slot) {
@@ -189,12 +283,12 @@ Forward forward_impl(const at::Tensor& x, const Weights& m, const at::Tensor& b1
   f.y = at::empty({g.N, g.O, g.H, g.W}, opts);
   if (g.P == 0) return f;
   const at::Tensor col = im2col(x, g, 0);
-  f.H1 = keep ? at::empty({g.P, g.K}, opts) : scratch(1, g.P, g.K, opts);
+  f.H1 = keep ? pooled(g.P, g.K, opts) : scratch(1, g.P, g.K, opts);
   const auto bb1 = b1.contiguous(), bb2 = b2.contiguous(), bb3 = b3.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_net_fwd", [&] {
     gemm_nn(f.H1, col, m.W1, 0);
     bias_relu<scalar_t>(f.H1.mutable_data_ptr<scalar_t>(), bb1.const_data_ptr<scalar_t>(), g.P, g.K);
-    f.H2 = keep ? at::empty({g.P, g.K}, opts) : scratch(0, g.P, g.K, opts);  // col is dead
+    f.H2 = keep ? pooled(g.P, g.K, opts) : scratch(0, g.P, g.K, opts);  // col is dead
     gemm_nt(f.H2, f.H1, m.W2);
     bias_relu<scalar_t>(f.H2.mutable_data_ptr<scalar_t>(), bb2.const_data_ptr<scalar_t>(), g.P, g.K);
     auto G = keep ? scratch(0, g.P, 9 * g.O, opts) : scratch(1, g.P, 9 * g.O, opts);  // col or H1: dead
@@ -303,6 +397,8 @@ at::Tensor conv_net_autograd(const at::Tensor& x, const at::Tensor& w1, const at
 
 TORCH_LIBRARY_FRAGMENT(flowops, m) {
   m.def("conv_net(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3) -> Tensor");
+  m.def("conv_net_empty_cache() -> int", [] { return pool().clear(); });
+  m.def("conv_net_cached_bytes() -> int", [] { return pool().held(); });
 }
 
 TORCH_LIBRARY_IMPL(flowops, CPU, m) {

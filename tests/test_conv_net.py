@@ -195,3 +195,37 @@ def test_glow_runs_its_conditioners_through_the_op(monkeypatch):
     assert_close(out, ref, 1e-12)
     for a, b in zip(g_out, g_ref):
         assert_close(a, b, 1e-10)
+
+
+@needs_cpp
+def test_activation_pool_reuse_and_empty_cache():
+    CN.empty_cache()
+    assert CN.cached_bytes() == 0
+    ps = make(3, 4, 64, torch.float32)
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)  # hidden activations of 4*16*16*64*4 = 256 KB each
+    gy = torch.randn(4, 4, 16, 16)
+    first = torch.autograd.grad(ops.conv_net(x, *ps), [x, *ps], gy)
+    held = CN.cached_bytes()
+    assert held == 2 * 4 * 16 * 16 * 64 * 4  # both saved activations came back after the backward
+    again = torch.autograd.grad(ops.conv_net(x, *ps), [x, *ps], gy)  # reuses them (values must not leak)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    ref = grads(CN.conv_net_reference(x, *ps), [x, *ps], gy)
+    for a, b in zip(again, ref):
+        assert_close(a, b, 2e-5)
+    assert CN.cached_bytes() == held
+    assert CN.empty_cache() == held and CN.cached_bytes() == 0
+
+
+@needs_cpp
+def test_activation_pool_can_be_turned_off():
+    import subprocess
+
+    code = ("import torch; from flowops import ops; import sys; CN = sys.modules['flowops.ops.conv_net']; "
+            "ps = [torch.randn(64, 3, 3, 3), torch.randn(64), torch.randn(64, 64, 1, 1), torch.randn(64), "
+            "torch.randn(4, 64, 3, 3), torch.randn(4)]; x = torch.randn(4, 3, 16, 16, requires_grad=True); "
+            "ops.conv_net(x, *ps).sum().backward(); print(CN.cached_bytes())")
+    env = dict(__import__("os").environ, FLOWOPS_POOL_MB="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"

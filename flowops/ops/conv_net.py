@@ -81,3 +81,19 @@ def conv_net_params(module: nn.Module):
     if mods[2].in_channels != mods[0].out_channels or mods[4].in_channels != mods[2].out_channels:
         return None
     return (mods[0].weight, mods[0].bias, mods[2].weight, mods[2].bias, mods[4].weight, mods[4].bias)
+
+
+def cached_bytes() -> int:
+    """Bytes of freed activation buffers the C++ op keeps for reuse (0 without the extension).
+
+    The hidden activations that ``conv_net`` saves for its backward (buffers of 256 KB and more) come from a
+    process-wide pool of freed buffers of the same size: a fresh multi-MB buffer faults its pages in on first
+    touch, and a training step frees and reallocates the same sizes every time. The pool keeps at most
+    ``FLOWOPS_POOL_MB`` MB (read when the extension is first used; default 256, ``0`` turns the pool off)."""
+    return int(torch.ops.flowops.conv_net_cached_bytes()) if _cpp_op() else 0
+
+
+def empty_cache() -> int:
+    """Free the buffers the op's pool keeps (see :func:`cached_bytes`); returns how many bytes were freed.
+    Per-thread scratch buffers of the op (a few MB, reused by every call on that thread) stay."""
+    return int(torch.ops.flowops.conv_net_empty_cache()) if _cpp_op() else 0
