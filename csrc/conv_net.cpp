@@ -25,7 +25,12 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
+
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <unordered_map>
@@ -249,8 +254,24 @@ class Pool {
   const size_t cap_ = cap_from_env();
 };
 
+// Never destroyed: tensors freed during interpreter exit still hand their buffers back. A forked child starts
+// with a fresh pool (another thread may have held the mutex at the fork; the parent's free buffers are left).
+std::atomic<Pool*> g_pool{nullptr};
+
+void fresh_pool_in_child() { g_pool.store(new Pool()); }
+
 Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: tensors freed during interpreter exit still hand buffers back
+  Pool* p = g_pool.load();
+  if (p == nullptr) {
+    static std::once_flag once;
+    std::call_once(once, [] {
+      g_pool.store(new Pool());
+#if defined(__unix__) || defined(__APPLE__)
+      pthread_atfork(nullptr, nullptr, &fresh_pool_in_child);
+#endif
+    });
+    p = g_pool.load();
+  }
   return *p;
 }
 

@@ -229,3 +229,28 @@ def test_activation_pool_can_be_turned_off():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
+
+
+@needs_cpp
+def test_forked_child_runs_the_op():
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork start method on this platform")
+    ps = make(3, 4, 64, torch.float32)
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    ops.conv_net(x, *ps).sum().backward()  # the parent's pool holds buffers
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as workers:
+        got = workers.apply(_child_conv_net, ([p.detach() for p in ps], x.detach()))
+    assert torch.allclose(got, CN.conv_net_reference(x, *ps).detach(), rtol=1e-5, atol=1e-5)
+
+
+def _child_conv_net(ps, x):
+    # one thread, as DataLoader workers run: OpenMP is not fork-safe (plain torch.mm hangs in a forked child
+    # after the parent ran parallel regions)
+    torch.set_num_threads(1)
+    ps = [p.requires_grad_() for p in ps]
+    y = ops.conv_net(x, *ps)
+    y.sum().backward()  # takes and returns pooled buffers in the child
+    return y.detach()
