@@ -157,9 +157,58 @@ struct Weights {
   at::Tensor W1, W2, W3;  // [9C, K], [K, K] (w2 as stored), [K, 9O]
 };
 
+// Conv weights (contiguous [A, B, 3, 3]: element (a, b, tap t) at (a * B + b) * 9 + t) to the GEMM matrices and
+// back: W1 [9C, K] (row t * C + c) from w1 [K, C, 3, 3], W3 [K, 9O] (column t * O + o) from w3 [O, K, 3, 3].
+// Plain loops: aten's copies of the permuted views took ~30 us per call for these few tens of KB.
+template <typename T>
+void conv_to_w1(T* dst, const T* src, int64_t K, int64_t C) {  // dst[(t * C + c) * K + k] = src[(k * C + c) * 9 + t]
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* s = src + (k * C + c) * 9;
+      for (int64_t t = 0; t < 9; ++t) dst[(t * C + c) * K + k] = s[t];
+    }
+  }
+}
+
+template <typename T>
+void conv_to_w3(T* dst, const T* src, int64_t O, int64_t K) {  // dst[k * 9O + t * O + o] = src[(o * K + k) * 9 + t]
+  for (int64_t o = 0; o < O; ++o) {
+    for (int64_t k = 0; k < K; ++k) {
+      const T* s = src + (o * K + k) * 9;
+      for (int64_t t = 0; t < 9; ++t) dst[k * 9 * O + t * O + o] = s[t];
+    }
+  }
+}
+
+template <typename T>
+void w1_to_conv(T* dst, const T* src, int64_t K, int64_t C) {  // the inverse of conv_to_w1
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      T* d = dst + (k * C + c) * 9;
+      for (int64_t t = 0; t < 9; ++t) d[t] = src[(t * C + c) * K + k];
+    }
+  }
+}
+
+template <typename T>
+void w3_to_conv(T* dst, const T* src, int64_t O, int64_t K) {  // the inverse of conv_to_w3
+  for (int64_t o = 0; o < O; ++o) {
+    for (int64_t k = 0; k < K; ++k) {
+      T* d = dst + (o * K + k) * 9;
+      for (int64_t t = 0; t < 9; ++t) d[t] = src[k * 9 * O + t * O + o];
+    }
+  }
+}
+
 Weights weight_matrices(const Geom& g, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3) {
-  return {w1.permute({2, 3, 1, 0}).reshape({9 * g.C, g.K}).contiguous(), w2.reshape({g.K, g.K}).contiguous(),
-          w3.permute({1, 2, 3, 0}).reshape({g.K, 9 * g.O}).contiguous()};
+  const auto c1 = w1.contiguous(), c3 = w3.contiguous();
+  Weights m{at::empty({9 * g.C, g.K}, c1.options()), w2.reshape({g.K, g.K}).contiguous(),
+            at::empty({g.K, 9 * g.O}, c3.options())};
+  AT_DISPATCH_FLOATING_TYPES(c1.scalar_type(), "conv_net_weights", [&] {
+    conv_to_w1<scalar_t>(m.W1.mutable_data_ptr<scalar_t>(), c1.const_data_ptr<scalar_t>(), g.K, g.C);
+    conv_to_w3<scalar_t>(m.W3.mutable_data_ptr<scalar_t>(), c3.const_data_ptr<scalar_t>(), g.O, g.K);
+  });
+  return m;
 }
 
 struct Forward {
@@ -364,9 +413,13 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
                              -1);
     }
   });
-  out[1] = dW1.view({3, 3, g.C, g.K}).permute({3, 2, 0, 1}).contiguous();
+  out[1] = at::empty({g.K, g.C, 3, 3}, opts);
+  out[5] = at::empty({g.O, g.K, 3, 3}, opts);
+  AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "conv_net_weight_grads", [&] {
+    w1_to_conv<scalar_t>(out[1].mutable_data_ptr<scalar_t>(), dW1.const_data_ptr<scalar_t>(), g.K, g.C);
+    w3_to_conv<scalar_t>(out[5].mutable_data_ptr<scalar_t>(), dW3.const_data_ptr<scalar_t>(), g.O, g.K);
+  });
   out[3] = dW2.view({g.K, g.K, 1, 1});
-  out[5] = dW3.view({g.K, 3, 3, g.O}).permute({3, 0, 1, 2}).contiguous();
   return out;
 }
 
