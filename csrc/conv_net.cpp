@@ -157,56 +157,35 @@ struct Weights {
   at::Tensor W1, W2, W3;  // [9C, K], [K, K] (w2 as stored), [K, 9O]
 };
 
-// Conv weights (contiguous [A, B, 3, 3]: element (a, b, tap t) at (a * B + b) * 9 + t) to the GEMM matrices and
-// back: W1 [9C, K] (row t * C + c) from w1 [K, C, 3, 3], W3 [K, 9O] (column t * O + o) from w3 [O, K, 3, 3].
+// Conv weights (contiguous [A, B, 3, 3]: element (a, b, tap t) at (a * B + b) * 9 + t) and the GEMM matrices
+// hold the same values in another order: matrix element (a, b, t) at a * sa + b * sb + t * st. W1 [9C, K]
+// (row t * C + c) from w1 [K, C, 3, 3]: (sa, sb, st) = (1, K, C K); W3 [K, 9O] (column t * O + o) from
+// w3 [O, K, 3, 3]: (1, 9 O, O). to_matrix copies conv -> matrix, else matrix -> conv (the weight gradients).
 // Plain loops: aten's copies of the permuted views took ~30 us per call for these few tens of KB.
 template <typename T>
-void conv_to_w1(T* dst, const T* src, int64_t K, int64_t C) {  // dst[(t * C + c) * K + k] = src[(k * C + c) * 9 + t]
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t c = 0; c < C; ++c) {
-      const T* s = src + (k * C + c) * 9;
-      for (int64_t t = 0; t < 9; ++t) dst[(t * C + c) * K + k] = s[t];
-    }
-  }
-}
-
-template <typename T>
-void conv_to_w3(T* dst, const T* src, int64_t O, int64_t K) {  // dst[k * 9O + t * O + o] = src[(o * K + k) * 9 + t]
-  for (int64_t o = 0; o < O; ++o) {
-    for (int64_t k = 0; k < K; ++k) {
-      const T* s = src + (o * K + k) * 9;
-      for (int64_t t = 0; t < 9; ++t) dst[k * 9 * O + t * O + o] = s[t];
-    }
-  }
-}
-
-template <typename T>
-void w1_to_conv(T* dst, const T* src, int64_t K, int64_t C) {  // the inverse of conv_to_w1
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t c = 0; c < C; ++c) {
-      T* d = dst + (k * C + c) * 9;
-      for (int64_t t = 0; t < 9; ++t) d[t] = src[(t * C + c) * K + k];
-    }
-  }
-}
-
-template <typename T>
-void w3_to_conv(T* dst, const T* src, int64_t O, int64_t K) {  // the inverse of conv_to_w3
-  for (int64_t o = 0; o < O; ++o) {
-    for (int64_t k = 0; k < K; ++k) {
-      T* d = dst + (o * K + k) * 9;
-      for (int64_t t = 0; t < 9; ++t) d[t] = src[k * 9 * O + t * O + o];
+void rearrange(T* conv, T* mat, int64_t A, int64_t B, int64_t sa, int64_t sb, int64_t st, bool to_matrix) {
+  for (int64_t a = 0; a < A; ++a) {
+    for (int64_t b = 0; b < B; ++b) {
+      T* c = conv + (a * B + b) * 9;
+      T* mm = mat + a * sa + b * sb;
+      for (int64_t t = 0; t < 9; ++t) {
+        if (to_matrix) {
+          mm[t * st] = c[t];
+        } else {
+          c[t] = mm[t * st];
+        }
+      }
     }
   }
 }
 
 Weights weight_matrices(const Geom& g, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3) {
-  const auto c1 = w1.contiguous(), c3 = w3.contiguous();
+  at::Tensor c1 = w1.contiguous(), c3 = w3.contiguous();  // read only
   Weights m{at::empty({9 * g.C, g.K}, c1.options()), w2.reshape({g.K, g.K}).contiguous(),
             at::empty({g.K, 9 * g.O}, c3.options())};
   AT_DISPATCH_FLOATING_TYPES(c1.scalar_type(), "conv_net_weights", [&] {
-    conv_to_w1<scalar_t>(m.W1.mutable_data_ptr<scalar_t>(), c1.const_data_ptr<scalar_t>(), g.K, g.C);
-    conv_to_w3<scalar_t>(m.W3.mutable_data_ptr<scalar_t>(), c3.const_data_ptr<scalar_t>(), g.O, g.K);
+    rearrange<scalar_t>(c1.data_ptr<scalar_t>(), m.W1.data_ptr<scalar_t>(), g.K, g.C, 1, g.K, g.C * g.K, true);
+    rearrange<scalar_t>(c3.data_ptr<scalar_t>(), m.W3.data_ptr<scalar_t>(), g.O, g.K, 1, 9 * g.O, g.O, true);
   });
   return m;
 }
@@ -214,6 +193,10 @@ Weights weight_matrices(const Geom& g, const at::Tensor& w1, const at::Tensor& w
 struct Forward {
   at::Tensor y, H1, H2;
 };
+
+// A buffer this op manages itself, reported to torch.profiler's memory tracking as the CPU allocator reports its
+// own (bytes > 0 while in use, < 0 when released), so peak-memory measurements count it.
+void report(void* p, int64_t bytes) { c10::reportMemoryUsageToProfiler(p, bytes, 0, 0, c10::Device(c10::kCPU)); }
 
 // Temporaries of one call come from two per-thread scratch slots kept between calls: fresh multi-MB buffers
 // fault their pages in on every call (the temporaries are about twice the saved activations). A slot is kept
@@ -228,14 +211,12 @@ at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions
   if (numel * static_cast<int64_t>(elem) > kKeepBytes) return at::empty({rows, cols}, opts);
   at::Tensor& t = kept[elem == 8 ? 1 : 0][slot];
   if (!t.defined() || t.numel() < numel) t = at::empty({numel}, opts);
-  // a view that reports its bytes to the profiler's memory tracking while it lives (as a fresh buffer would)
-  // and keeps the slot's storage alive (the slot may be regrown while an older view is still in use)
+  // a view that is reported while it lives (as a fresh buffer would be) and keeps the slot's storage alive
+  // (the slot may be regrown while an older view is still in use)
   const int64_t bytes = numel * static_cast<int64_t>(elem);
   void* p = t.data_ptr();
-  c10::reportMemoryUsageToProfiler(p, bytes, 0, 0, c10::Device(c10::DeviceType::CPU));
-  return at::from_blob(p, {rows, cols}, [keep = t, bytes](void* q) {
-    c10::reportMemoryUsageToProfiler(q, -bytes, 0, 0, c10::Device(c10::DeviceType::CPU));
-  }, opts);
+  report(p, bytes);
+  return at::from_blob(p, {rows, cols}, [keep = t, bytes](void* q) { report(q, -bytes); }, opts);
 }
 
 // The saved hidden activations (H1, H2) come from a process-wide pool of freed buffers, keyed by size: a fresh
@@ -328,10 +309,9 @@ at::Tensor pooled(int64_t rows, int64_t cols, const at::TensorOptions& opts) {
   const size_t bytes = static_cast<size_t>(rows * cols) * opts.dtype().itemsize();
   if (bytes < (size_t{256} << 10) || !pool().enabled()) return at::empty({rows, cols}, opts);
   void* p = pool().get(bytes);
-  const c10::Device cpu(c10::DeviceType::CPU);  // reported like the CPU allocator's own buffers
-  c10::reportMemoryUsageToProfiler(p, static_cast<int64_t>(bytes), 0, 0, cpu);
-  return at::from_blob(p, {rows, cols}, [bytes, cpu](void* q) {
-    c10::reportMemoryUsageToProfiler(q, -static_cast<int64_t>(bytes), 0, 0, cpu);
+  report(p, static_cast<int64_t>(bytes));
+  return at::from_blob(p, {rows, cols}, [bytes](void* q) {
+    report(q, -static_cast<int64_t>(bytes));
     pool().put(q, bytes);
   }, opts);
 }
@@ -386,11 +366,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
   }
   const at::Tensor gr = rows_of(gy, g);
   out[6] = gr.sum(0);
-  // temporaries in the two scratch slots, each reused once its previous contents are dead
   auto dW3 = at::empty({g.K, 9 * g.O}, opts);
   auto dW2 = at::empty({g.K, g.K}, opts);
   auto dW1 = at::empty({9 * g.C, g.K}, opts);
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "conv_net_bwd", [&] {
+    // temporaries in the two scratch slots, each reused once its previous contents are dead
     auto dcol3 = scratch(0, g.P, 9 * g.O, opts);
     gather_taps<scalar_t>(dcol3.mutable_data_ptr<scalar_t>(), gr.const_data_ptr<scalar_t>(), g, g.O, -1);
     gemm_tn_split_k(dW3, f.H2, dcol3);
@@ -416,8 +396,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
   out[1] = at::empty({g.K, g.C, 3, 3}, opts);
   out[5] = at::empty({g.O, g.K, 3, 3}, opts);
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "conv_net_weight_grads", [&] {
-    w1_to_conv<scalar_t>(out[1].mutable_data_ptr<scalar_t>(), dW1.const_data_ptr<scalar_t>(), g.K, g.C);
-    w3_to_conv<scalar_t>(out[5].mutable_data_ptr<scalar_t>(), dW3.const_data_ptr<scalar_t>(), g.O, g.K);
+    rearrange<scalar_t>(out[1].data_ptr<scalar_t>(), dW1.data_ptr<scalar_t>(), g.K, g.C, 1, g.K, g.C * g.K, false);
+    rearrange<scalar_t>(out[5].data_ptr<scalar_t>(), dW3.data_ptr<scalar_t>(), g.O, g.K, 1, 9 * g.O, g.O, false);
   });
   out[3] = dW2.view({g.K, g.K, 1, 1});
   return out;

@@ -15,11 +15,11 @@ namespace flowops {
 namespace blas {
 
 // at::native::cpublas::brgemm computes C (+)= A B for row-major A [M, K], B [K, N], single-threaded (JIT
-// kernels cached per shape and thread). The three products below are tiled over it, one tile per task of
+// kernels cached per shape and thread). The products below are tiled over it, one tile per task of
 // at::parallel_for (inside a parallel region the tasks run in the calling thread); a transposed operand is
-// transposed 64 x 64 panel by panel into a per-thread buffer. At the CNF op's shapes that is about 1.1-1.25x MKL's sgemm (paired timings in bench/RESULTS.md), with no
-// operator dispatch per call. Other dtypes, a torch without the float brgemm, or strided operands take
-// at::mm_out / addmm_.
+// transposed 64 x 64 panel by panel into a per-thread buffer. At the CNF op's shapes that is about 1.1-1.25x
+// MKL's sgemm (paired timings in bench/RESULTS.md), with no operator dispatch per call. Other dtypes, a torch
+// without the float brgemm, or strided operands take at::mm_out / addmm_.
 inline constexpr int64_t kTile = 64;
 
 inline bool brgemm_ok(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
@@ -43,8 +43,8 @@ inline void brgemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, in
 }
 
 // How many of `extent` rows (or columns) one task takes when the other dimension has only `tiles` tiles: all
-// of them, unless that leaves fewer than two tasks per thread (outside a parallel region), then a split into
-// multiples of 16. (A split re-transposes the shared panels once per block: 64 x K values, cheap.)
+// of them, unless that leaves fewer than `per_thread` tasks per thread (outside a parallel region), then a
+// split into multiples of 16. (A split re-transposes the shared panels once per block: 64 x K values, cheap.)
 inline int64_t split_rows(int64_t extent, int64_t tiles, int64_t per_thread = 2) {
   const int64_t want = per_thread * (at::in_parallel_region() ? 1 : at::get_num_threads());
   if (tiles >= want || extent <= 16) return std::max<int64_t>(extent, 1);

@@ -117,9 +117,9 @@ def child(cfg) -> dict:
     # set-up of those shapes (the fused ops' JIT-compiled GEMM kernels and per-thread scratch buffers, the
     # same for both modes and every depth) is in the baseline too; --cold warms up on a tiny model only.
     warm_cfg = dict(cfg, levels=1, hidden=4, image=4, batch=2) if cfg.get("cold") else cfg
-    tiny, tx = build(warm_cfg, 1, cfg["mode"] == "reversible")
-    train_step(tiny, tx)
-    del tiny, tx
+    warm, wx = build(warm_cfg, 1, cfg["mode"] == "reversible")
+    train_step(warm, wx)
+    del warm, wx
     model, x = build(cfg, cfg["steps"], cfg["mode"] == "reversible")
     params = list(model.parameters())
     gc.collect()

@@ -1203,9 +1203,9 @@ def _cn_inputs(shape, dtype, device, generator, opts):
 
 
 def _cn_ref(x, *params, inverse=False):
-    from .ops.conv_net import conv_net_reference
+    from .reference.conv_net import conv_net
 
-    return conv_net_reference(x, *params)
+    return conv_net(x, *params)
 
 
 def _cn_fused(x, *params, inverse=False):

@@ -18,8 +18,8 @@ from torch import nn
 
 from .. import _backend, ops
 from .base import Compose, Transform
-from ..ops.conv_net import _fast as conv_net_fast
 from ..ops.conv_net import conv_net_params
+from ..ops.conv_net import fast_path as conv_net_fast
 from .conditioners import conv_net
 from .coupling import AdditiveCoupling, AffineCoupling
 
@@ -363,8 +363,8 @@ def _conv_layout(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     same up to float rounding."""
     if h.dim() == 4 and h.device.type == "cpu" and _fused(h):
         params = conv_net_params(module)
-        if params is not None and conv_net_fast(h):
-            return ops.conv_net(h, *params)
+        if params is not None and conv_net_fast(h):  # the C++ op checks the shapes
+            return torch.ops.flowops.conv_net(h, *params)
         h = h.contiguous(memory_format=torch.channels_last)
         if isinstance(module, nn.Sequential):
             for m in module:  # ReLUs in place: no extra activation buffer (autograd keeps only their output)

@@ -2,22 +2,23 @@
 
 ``conv_net(x, w1, b1, w2, b2, w3, b3)`` equals
 ``conv2d(relu(conv2d(relu(conv2d(x, w1, b1, padding=1)), w2, b2)), w3, b3, padding=1)``
-(:func:`conv_net_reference`) with ``w1 [K, C, 3, 3]``, ``w2 [K, K, 1, 1]``, ``w3 [O, K, 3, 3]``.
+(:func:`flowops.reference.conv_net.conv_net`, imported here as ``conv_net_reference``) with
+``w1 [K, C, 3, 3]``, ``w2 [K, K, 1, 1]``, ``w3 [O, K, 3, 3]``.
 
 On the CPU with the C++ extension (float32 and float64) it runs ``flowops::conv_net``
 (``csrc/conv_net.cpp``): the three convolutions as GEMMs over the pixels in channels-last rows, the first
 through im2col (few input channels: one GEMM with 9C rows of weights), the last as one GEMM against all
 nine taps' weights followed by a shift-add (few output channels), float32 products on oneDNN's brgemm
-micro-kernel; one C++ autograd node saves im2col(x) and the two hidden activations. Elsewhere (CUDA, other
-dtypes, under torch.compile, the ``reference`` backend, no extension) it is the reference composition.
+micro-kernel; one C++ autograd node saves x and the two hidden activations. Elsewhere (CUDA, other dtypes,
+under torch.compile, the ``reference`` backend, no extension) it is the reference composition.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import _backend
+from ..reference.conv_net import conv_net as conv_net_reference
 
 _has_op: bool | None = None
 
@@ -29,14 +30,8 @@ def _cpp_op() -> bool:
     return _has_op
 
 
-def conv_net_reference(x, w1, b1, w2, b2, w3, b3):
-    """The plain-PyTorch composition (``F.conv2d`` and ReLU)."""
-    h = F.relu(F.conv2d(x, w1, b1, padding=1))
-    h = F.relu(F.conv2d(h, w2, b2))
-    return F.conv2d(h, w3, b3, padding=1)
-
-
-def _fast(x: torch.Tensor) -> bool:
+def fast_path(x: torch.Tensor) -> bool:
+    """True when ``conv_net`` on ``x`` runs the registered C++ op (which checks its arguments itself)."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
             and not torch.compiler.is_compiling() and _backend.select(x.device) == "cpp" and _cpp_op())
 
@@ -56,7 +51,7 @@ def conv_net(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
                              f"{tuple(t.shape)}")
         if t.dtype != x.dtype or t.device != x.device:
             raise ValueError(f"conv_net: {name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
-    if _fast(x):
+    if fast_path(x):
         return torch.ops.flowops.conv_net(x, w1, b1, w2, b2, w3, b3)
     return conv_net_reference(x, w1, b1, w2, b2, w3, b3)
 
