@@ -380,10 +380,31 @@ at::Tensor lu_weight_autograd(const at::Tensor& perm, const at::Tensor& lower, c
   return LuWeightFn::apply(perm, lower, upper, sign, log_s);
 }
 
+// The gradients of (lower, upper, log_s) for an upstream gradient of W, as one plain call (no autograd node):
+// for callers that hold W's gradient already (the reversible engine's direct path).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lu_weight_bwd_cpu(const at::Tensor& grad, const at::Tensor& perm,
+                                                                 const at::Tensor& lower, const at::Tensor& upper,
+                                                                 const at::Tensor& sign, const at::Tensor& log_s) {
+  check_lu_args(perm, lower, upper, sign, log_s);
+  TORCH_CHECK_VALUE(grad.sizes() == lower.sizes() && grad.scalar_type() == lower.scalar_type(),
+                    "lu_weight_bwd: grad must have lower's shape ", lower.sizes(), " and dtype, got ", grad.sizes());
+  const auto rows = perm_rows(perm, lower, upper, sign, log_s);
+  if (!rows.empty()) {
+    auto g = lu_weight_grads_loops(grad, rows, lower, upper, sign, log_s);
+    return {g[0], g[1], g[2]};
+  }
+  auto [L, U, d] = lu_factors(lower, upper, sign, log_s);
+  auto G = at::mm(perm.t(), grad);
+  auto LtG = at::mm(L.t(), G);
+  return {at::mm(G, U.t()).tril(-1), LtG.triu(1), LtG.diagonal() * d};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flowops, m) {
   m.def("lu_weight(Tensor perm, Tensor lower, Tensor upper, Tensor sign, Tensor log_s) -> Tensor");
+  m.def("lu_weight_bwd(Tensor grad, Tensor perm, Tensor lower, Tensor upper, Tensor sign, Tensor log_s) -> "
+        "(Tensor, Tensor, Tensor)");
   m.def("actnorm_invconv_fwd(Tensor x, Tensor log_scale, Tensor bias, Tensor weight, Tensor w_logdet, "
         "bool inverse) -> (Tensor, Tensor)");
   m.def("actnorm_invconv_bwd(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor log_scale, Tensor bias, "
@@ -395,6 +416,7 @@ TORCH_LIBRARY_FRAGMENT(flowops, m) {
 TORCH_LIBRARY_IMPL(flowops, CPU, m) {
   m.impl("actnorm_invconv_fwd", &actnorm_invconv_fwd_cpu);
   m.impl("actnorm_invconv_bwd", &actnorm_invconv_bwd_cpu);
+  m.impl("lu_weight_bwd", &lu_weight_bwd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(flowops, Autograd, m) {

@@ -447,16 +447,56 @@ at::Tensor conv_net_autograd(const at::Tensor& x, const at::Tensor& w1, const at
   return ConvNetFn::apply(x, w1, b1, w2, b2, w3, b3)[0];
 }
 
+// The forward and backward as two plain calls (no autograd node), for callers that run a layer's recomputation
+// and its local backward back to back (the reversible engine): conv_net_fwd returns y and the hidden
+// activations H1, H2 ([P, K], pooled buffers); conv_net_bwd takes them back with the output gradient and returns
+// the gradients of (x, w1, b1, w2, b2, w3, b3), x's empty when need_x is false.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_net_fwd_cpu(const at::Tensor& x, const at::Tensor& w1,
+                                                                const at::Tensor& b1, const at::Tensor& w2,
+                                                                const at::Tensor& b2, const at::Tensor& w3,
+                                                                const at::Tensor& b3) {
+  const Geom g = check(x, w1, b1, w2, b2, w3, b3);
+  Forward f = forward_impl(x, weight_matrices(g, w1, w2, w3), b1, b2, b3, g, true);
+  if (g.P == 0) f.H1 = f.H2 = at::empty({0, g.K}, x.options());
+  return {f.y, f.H1, f.H2};
+}
+
+std::vector<at::Tensor> conv_net_bwd_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& h1,
+                                         const at::Tensor& h2, const at::Tensor& w1, const at::Tensor& b1,
+                                         const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3,
+                                         const at::Tensor& b3, bool need_x) {
+  const Geom g = check(x, w1, b1, w2, b2, w3, b3);
+  for (const auto* t : {&h1, &h2}) {
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == g.P && t->size(1) == g.K && t->is_contiguous() &&
+                          t->scalar_type() == x.scalar_type() && t->device() == x.device(),
+                      "flowops.conv_net_bwd: h1 and h2 must be the contiguous [", g.P, ", ", g.K,
+                      "] activations conv_net_fwd returned, got ", t->sizes());
+  }
+  TORCH_CHECK_VALUE(gy.sizes() == at::IntArrayRef({g.N, g.O, g.H, g.W}) && gy.scalar_type() == x.scalar_type(),
+                    "flowops.conv_net_bwd: grad_y must be [", g.N, ", ", g.O, ", ", g.H, ", ", g.W, "] of x's dtype, "
+                    "got ", gy.sizes(), " ", gy.scalar_type());
+  Forward f{at::Tensor(), h1, h2};
+  auto out = backward_impl(gy, x, f, weight_matrices(g, w1, w2, w3), g, need_x);
+  if (!out[0].defined()) out[0] = at::empty({0}, x.options());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flowops, m) {
   m.def("conv_net(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3) -> Tensor");
+  m.def("conv_net_fwd(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3) -> "
+        "(Tensor, Tensor, Tensor)");
+  m.def("conv_net_bwd(Tensor grad_y, Tensor x, Tensor h1, Tensor h2, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+        "Tensor w3, Tensor b3, bool need_x) -> Tensor[]");
   m.def("conv_net_empty_cache() -> int", [] { return pool().clear(); });
   m.def("conv_net_cached_bytes() -> int", [] { return pool().held(); });
 }
 
 TORCH_LIBRARY_IMPL(flowops, CPU, m) {
   m.impl("conv_net", &conv_net_plain);
+  m.impl("conv_net_fwd", &conv_net_fwd_cpu);
+  m.impl("conv_net_bwd", &conv_net_bwd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(flowops, Autograd, m) {

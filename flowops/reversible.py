@@ -86,10 +86,14 @@ class _Block:
     def _parameters(self):
         return list(self.module.parameters())
 
-    def params(self):
+    def all_params(self):
+        """Every parameter of the block (trainable or not), walked once."""
         if self._all_params is None:
             self._all_params = self._parameters()
-        return [p for p in self._all_params if p.requires_grad]
+        return self._all_params
+
+    def params(self):
+        return [p for p in self.all_params() if p.requires_grad]
 
     def forward(self, h):
         y, ld = self.module(h)
@@ -137,6 +141,31 @@ def _grad(outs, gouts, x_leaf, params):
     return None, list(grads)
 
 
+_HAS_OPS: dict = {}
+
+
+def _has_ops(*names) -> bool:
+    """True when the C++ extension defines all of ``torch.ops.flowops.<names>`` (checked once per set)."""
+    v = _HAS_OPS.get(names)
+    if v is None:
+        from . import _backend
+        from .ops import _library
+        v = _HAS_OPS[names] = _backend.has_cpp() and all(_library.defined(n) for n in names)
+    return v
+
+
+def _direct(x) -> bool:
+    """True when a block's local backward may call the C++ kernels directly, without autograd: CPU, float32 or
+    float64, the C++ backend, eager mode (the same conditions under which the ordinary forward runs them)."""
+    from . import _backend
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not torch.compiler.is_compiling() and _backend.select(x.device) == "cpp")
+
+
+def _zeros_ld(gld, x):
+    return gld.to(x.dtype) if gld is not None else x.new_zeros(x.shape[0])
+
+
 class _ActNormInvConvBlock(_Block):
     """A GlowStep's ActNorm and 1x1 convolution as one block, through :meth:`GlowStep.norm_conv` and
     :meth:`GlowStep.norm_conv_inverse` (the fused op outside the reference backend, as the ordinary
@@ -155,6 +184,26 @@ class _ActNormInvConvBlock(_Block):
     def inverse(self, y, extras):
         return self.module.norm_conv_inverse(y)[0]
 
+    def backprop(self, y, extras, gy, gextras, gld, params, need_input_grad):
+        """On the C++ path the local gradients come from the fused op's backward kernel and the LU weight's
+        backward directly (the same kernels ordinary backprop runs), without re-running the forward."""
+        step = self.module
+        an, ic = step.transforms[0], step.transforms[1]
+        own = (an.log_scale, an.bias, ic.lower, ic.upper, ic.log_s)
+        if (not _direct(y) or not _has_ops("actnorm_invconv_bwd", "lu_weight_bwd")
+                or len({id(p) for p in own}) != len(own) or {id(p) for p in self.all_params()} != set(map(id, own))):
+            return super().backprop(y, extras, gy, gextras, gld, params, need_input_grad)
+        ops = torch.ops.flowops
+        with torch.no_grad():
+            x = step.norm_conv_inverse(y)[0]
+            w, wld = ic.forward_weight(), ic.log_s.sum()  # W cached: grad mode is off
+            gx, gls, gb, gw, gwld = ops.actnorm_invconv_bwd(gy, _zeros_ld(gld, y), x, an.log_scale, an.bias, w, wld,
+                                                            False)
+            g_lower, g_upper, g_log_s = ops.lu_weight_bwd(gw, ic.perm, ic.lower, ic.upper, ic.sign, ic.log_s)
+            g_log_s = g_log_s + gwld  # w_logdet = log_s.sum()
+        grads = dict(zip(map(id, own), (gls, gb, g_lower, g_upper, g_log_s)))
+        return x, (gx if need_input_grad else None), [grads[id(p)] for p in params]
+
 
 class _SplitBlock(_Block):
     """Glow's Split: ``h -> kept`` with the standardized factored latent as an extra output."""
@@ -168,11 +217,84 @@ class _SplitBlock(_Block):
 
 
 class _CouplingBlock(_Block):
-    """Coupling layers: the conditioner runs once, on the output's pass-through part."""
+    """Coupling layers: the conditioner runs once, on the output's pass-through part.
+
+    Split-mask affine and additive couplings on the C++ path call the coupling kernels directly: the inverse
+    rebuilds the transformed part and the coupling's backward kernel gives the gradients of that part and of the
+    conditioner's output, with no second coupling forward and no autograd graph around it. Glow's own
+    conditioner (:func:`flowops.nn.conv_net`) then runs as two plain calls as well (``conv_net_fwd`` keeps its
+    hidden activations for ``conv_net_bwd``); any other conditioner is backpropagated by autograd."""
+
+    def _coupling_kernel(self, y):
+        """``(scale, clamp)`` of the coupling op when the direct path applies, else None."""
+        from .nn.coupling import AdditiveCoupling, AffineCoupling
+        t = self.module
+        if t.mask is not None or not _direct(y) or not _has_ops("affine_coupling_fwd", "affine_coupling_bwd"):
+            return None
+        couple = type(t)._couple
+        if couple is AffineCoupling._couple:
+            return t.scale, t.clamp
+        if couple is AdditiveCoupling._couple:
+            return "additive", 1.0
+        return None
+
+    def _conv_net(self, yp):
+        """The conditioner's ``(w1, b1, w2, b2, w3, b3)`` when it is Glow's conv_net run by the C++ op and the
+        block has no other parameters, else None."""
+        from .nn.glow import _AnySpatial
+        from .ops.conv_net import conv_net_params, fast_path
+        t = self.module
+        if type(t)._params is not _AnySpatial._params or not _has_ops("conv_net_fwd", "conv_net_bwd"):
+            return None
+        w = conv_net_params(t.conditioner)
+        if w is None or not fast_path(yp) or {id(p) for p in self.all_params()} - set(map(id, w)):
+            return None
+        return w
+
+    def _backprop_direct(self, kernel, y, gy, gld, params, need_input_grad):
+        t = self.module
+        ops = torch.ops.flowops
+        scale, clamp = kernel
+        yp, yt = y[:, t._pass], y[:, t._trans]
+        gyt = gy[:, t._trans].to(y.dtype)
+        w = self._conv_net(yp)
+        with torch.no_grad():
+            if w is not None:
+                cond, h1, h2 = ops.conv_net_fwd(yp, *w)
+            else:
+                with torch.enable_grad():
+                    xp = yp.detach().requires_grad_(need_input_grad)
+                    cond_g = t._params(xp)
+                cond = cond_g.detach()
+            if cond.shape[1] != t.cond_out:
+                raise ValueError(f"{type(t).__name__}: conditioner returned {cond.shape[1]} channels along dim 1, "
+                                 f"expected {t.cond_out}")
+            xt = ops.affine_coupling_fwd(yt, cond, None, scale, clamp, True)[0]
+            gxt, gcond = ops.affine_coupling_bwd(gyt, _zeros_ld(gld, y), xt, cond, None, scale, clamp, False)
+            if w is not None:
+                g = ops.conv_net_bwd(gcond, yp, h1, h2, w[0], w[1], w[2], w[3], w[4], w[5], need_input_grad)
+                del h1, h2
+                by_id = dict(zip(map(id, w), g[1:]))
+                gp = [by_id[id(p)] for p in params]
+                gxp_c = g[0] if need_input_grad else None
+        if w is None:
+            inputs = ([xp] if need_input_grad else []) + list(params)
+            grads = _autograd((cond_g,), (gcond,), inputs) or [None] * len(inputs)
+            gxp_c = grads[0] if need_input_grad else None
+            gp = list(grads[1:] if need_input_grad else grads)
+        x = torch.cat((yp, xt) if t._pass_first else (xt, yp), dim=1)
+        if not need_input_grad:
+            return x, None, gp
+        gxp = gy[:, t._pass] if gxp_c is None else gy[:, t._pass] + gxp_c
+        gx = torch.cat((gxp, gxt) if t._pass_first else (gxt, gxp), dim=1)
+        return x, gx, gp
 
     def backprop(self, y, extras, gy, gextras, gld, params, need_input_grad):
         t = self.module
         y = y.detach()
+        kernel = self._coupling_kernel(y)
+        if kernel is not None:
+            return self._backprop_direct(kernel, y, gy, gld, params, need_input_grad)
         if t.mask is None:
             yp, yt = y[:, t._pass], y[:, t._trans]
             with torch.enable_grad():

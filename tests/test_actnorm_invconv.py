@@ -360,6 +360,18 @@ def test_invconv_forward_weight_cached_without_grad_and_invalidated():
     assert w3.requires_grad and w3 is not w2
 
 
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_lu_weight_bwd_checks_its_arguments():
+    ic = InvConv1x1(4).double()
+    args = (ic.perm, ic.lower.detach(), ic.upper.detach(), ic.sign, ic.log_s.detach())
+    with pytest.raises(ValueError, match="grad must have"):
+        torch.ops.flowops.lu_weight_bwd(torch.ones(3, 3, dtype=F64), *args)
+    with pytest.raises(ValueError, match="grad must have"):
+        torch.ops.flowops.lu_weight_bwd(torch.ones(4, 4), *args)
+    with pytest.raises(ValueError, match="lu_weight"):
+        torch.ops.flowops.lu_weight_bwd(torch.ones(4, 4, dtype=F64), *args[:4], torch.ones(3, dtype=F64))
+
+
 def test_lu_weight_op_matches_reference_with_gradients():
     from flowops.ops.actnorm_invconv import lu_weight as fast_lu
 
@@ -415,6 +427,11 @@ def test_lu_weight_op_any_perm_matrix(kind, c):
         with torch.no_grad():  # the no-autograd kernel
             nw = fast_lu(perm.to(dtype), lower.to(dtype), upper.to(dtype), sign.to(dtype), log_s.to(dtype))
         assert torch.equal(nw, w.detach())
+        if HAS_CPP and hasattr(torch.ops.flowops, "lu_weight_bwd"):  # the plain backward call: the node's gradients
+            plain = torch.ops.flowops.lu_weight_bwd(g.to(dtype), perm.to(dtype), lower.to(dtype), upper.to(dtype),
+                                                    sign.to(dtype), log_s.to(dtype))
+            for a, b in zip(plain, got[1:]):
+                assert torch.equal(a, b)
     args = [t.detach().clone().requires_grad_() for t in (lower, upper, log_s)]
     assert torch.autograd.gradcheck(lambda lo, up, ls: fast_lu(perm, lo, up, sign, ls), tuple(args))
 

@@ -57,6 +57,49 @@ def test_matches_conv2d_reference(shape, dtype, rtol):
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES + [(0, 3, 4, 4, 8, 6)])
+def test_plain_forward_backward_calls_match_the_op(shape, dtype):
+    """conv_net_fwd / conv_net_bwd (the two plain calls the reversible engine uses) give the autograd op's
+    output and gradients bit for bit; need_x=False skips the input gradient."""
+    n, c, h, w, k, o = shape
+    ps = make(c, o, k, dtype)
+    x = torch.randn(n, c, h, w, dtype=torch.float64).to(dtype).requires_grad_()
+    y = torch.ops.flowops.conv_net(x, *ps)
+    gy = torch.randn_like(y)
+    want = grads(y, [x, *ps], gy) if n else [torch.zeros_like(t) for t in (x, *ps)]
+    with torch.no_grad():
+        y2, h1, h2 = torch.ops.flowops.conv_net_fwd(x, *ps)
+        assert torch.equal(y2, y) and h1.shape == h2.shape == (n * h * w, k)
+        got = torch.ops.flowops.conv_net_bwd(gy, x, h1, h2, *ps, True)
+        assert len(got) == 7
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        no_x = torch.ops.flowops.conv_net_bwd(gy, x, h1, h2, *ps, False)
+        assert no_x[0].numel() == 0
+        for a, b in zip(no_x[1:], want[1:]):
+            assert torch.equal(a, b)
+
+
+@needs_cpp
+def test_plain_backward_checks_its_arguments():
+    ps = make(3, 6, 8)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        y, h1, h2 = torch.ops.flowops.conv_net_fwd(x, *ps)
+        with pytest.raises(ValueError, match="h1 and h2"):
+            torch.ops.flowops.conv_net_bwd(y, x, h1[:-1], h2, *ps, True)
+        with pytest.raises(ValueError, match="h1 and h2"):
+            torch.ops.flowops.conv_net_bwd(y, x, h1.float(), h2, *ps, True)
+        with pytest.raises(ValueError, match="h1 and h2"):
+            torch.ops.flowops.conv_net_bwd(y, x, h1.t().contiguous().t(), h2, *ps, True)
+        with pytest.raises(ValueError, match="grad_y"):
+            torch.ops.flowops.conv_net_bwd(y[:, :3], x, h1, h2, *ps, True)
+        with pytest.raises(ValueError, match="w3"):
+            torch.ops.flowops.conv_net_bwd(y, x, h1, h2, *ps[:4], ps[4][:, :4], ps[5], True)
+
+
+@needs_cpp
 @pytest.mark.parametrize("layout", ["channel_slice", "channels_last", "transposed_hw"])
 def test_strided_inputs(layout):
     ps = make(4, 6, 16)
