@@ -272,8 +272,9 @@ class _CouplingBlock(_Block):
             xt = ops.affine_coupling_fwd(yt, cond, None, scale, clamp, True)[0]
             gxt, gcond = ops.affine_coupling_bwd(gyt, _zeros_ld(gld, y), xt, cond, None, scale, clamp, False)
             if w is not None:
+                held = _meter_hold(h1, h2)  # what autograd would have saved for the conditioner's backward
                 g = ops.conv_net_bwd(gcond, yp, h1, h2, w[0], w[1], w[2], w[3], w[4], w[5], need_input_grad)
-                del h1, h2
+                del h1, h2, held
                 by_id = dict(zip(map(id, w), g[1:]))
                 gp = [by_id[id(p)] for p in params]
                 gxp_c = g[0] if need_input_grad else None
@@ -697,12 +698,23 @@ def _check_options(checkpoint_every, drift_tol, on_drift):
     return checkpoint_every
 
 
-class SavedTensorMeter:
-    """Context manager measuring the bytes autograd keeps saved for backward (live and peak).
+_METERS: list = []  # the SavedTensorMeters now active
 
-    Counts each storage once while any saved reference to it is alive; tensors in ``exclude`` (e.g. the
-    model's parameters) are not counted. ``peak`` is the high-water mark in bytes over the context,
-    including saved tensors of graphs built during a backward run inside it.
+
+def _meter_hold(*tensors):
+    """Count ``tensors`` in every active :class:`SavedTensorMeter` while the returned handles live: activations
+    the reversible walk keeps for a backward computation outside autograd (the direct kernel path)."""
+    return [m._pack(t) for m in _METERS for t in tensors] if _METERS else None
+
+
+class SavedTensorMeter:
+    """Context manager measuring the bytes kept for backward computations (live and peak).
+
+    Counts the tensors autograd saves for backward, and the activations the reversible walk keeps between a
+    layer's recomputation and its local backward when it calls the kernels directly (outside autograd); each
+    storage once while any reference to it is held. Tensors in ``exclude`` (e.g. the model's parameters) are not
+    counted. ``peak`` is the high-water mark in bytes over the context, including saved tensors of graphs built
+    during a backward run inside it.
     """
 
     def __init__(self, exclude=()):
@@ -741,9 +753,11 @@ class SavedTensorMeter:
     def __enter__(self):
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._ctx.__enter__()
+        _METERS.append(self)
         return self
 
     def __exit__(self, *exc):
+        _METERS.remove(self)
         self._ctx.__exit__(*exc)
         return False
 
