@@ -7,9 +7,11 @@ default 8 16 32 64). Reported:
 * peak resident memory growth of a training step (``zero_grad(set_to_none=True)``, forward, backward;
   the peak over two steps): each
   (mode, K) runs in a fresh Python process; the baseline is the resident set right after building the
-  model and the data (after one step of a K = 1 model of the same shapes and mode, so one-time lazy imports
-  and the set-up of those shapes, such as JIT-compiled kernels and the fused ops' per-thread scratch buffers,
-  are excluded; ``--cold``: after one step of a tiny model, only the imports excluded), the peak is
+  model and the data. ``--baseline warm`` (the default): the process first ran one step of a K = 1 model of
+  the same shapes and mode, so one-time lazy imports and the set-up of those shapes, such as JIT-compiled
+  kernels, the library's convolution set-up and the fused ops' per-thread scratch buffers, are excluded;
+  ``cold`` (or ``--cold``): after one step of a tiny model, only the imports excluded; ``none``: no warm-up,
+  the first steps' one-time set-up counts in full. The peak is
   the process's high-water mark (``VmHWM``, reset before the steps
   through ``/proc/self/clear_refs`` where Linux allows it; elsewhere ``ru_maxrss`` before and after,
   a lower bound). Parameter gradients are part of the growth in both modes.
@@ -41,6 +43,9 @@ import torch
 TARGETS = {"memory_ratio_min": 5.0, "step_time_ratio_max": 1.35, "grad_rel_fp32": 1e-4, "grad_rel_fp64": 1e-9,
            "flatness_max": 1.2}
 MODES = ("ordinary", "reversible")
+BASELINES = ("warm", "cold", "none")
+BASELINE_TEXT = {"warm": "a warm-up step of the same shapes (K = 1)", "cold": "a tiny warm-up model (--baseline cold)",
+                 "none": "building the model, no warm-up (--baseline none)"}
 
 
 # -- resident memory ------------------------------------------------------------------------------------------
@@ -111,15 +116,17 @@ def child(cfg) -> dict:
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
-    # Warm-up on a model of the same mode: one-time lazy imports and library set-up (autograd.grad's
-    # first call imports sympy, about 30 MB) are not the memory of a training step.
-    # By default the warm-up model has the measured shapes with one step per level, so that the one-time
-    # set-up of those shapes (the fused ops' JIT-compiled GEMM kernels and per-thread scratch buffers, the
-    # same for both modes and every depth) is in the baseline too; --cold warms up on a tiny model only.
-    warm_cfg = dict(cfg, levels=1, hidden=4, image=4, batch=2) if cfg.get("cold") else cfg
-    warm, wx = build(warm_cfg, 1, cfg["mode"] == "reversible")
-    train_step(warm, wx)
-    del warm, wx
+    # Warm-up on a model of the same mode: one-time lazy imports and library set-up are not the memory of a
+    # training step. By default ("warm") the warm-up model has the measured shapes with one step per level, so
+    # that the one-time set-up of those shapes (the fused ops' JIT-compiled GEMM kernels and per-thread scratch
+    # buffers, the library's convolution set-up; the same for both modes and every depth) is in the baseline
+    # too; "cold" warms up on a tiny model only; "none" does not warm up.
+    baseline = cfg.get("baseline") or ("cold" if cfg.get("cold") else "warm")
+    if baseline != "none":
+        warm_cfg = dict(cfg, levels=1, hidden=4, image=4, batch=2) if baseline == "cold" else cfg
+        warm, wx = build(warm_cfg, 1, cfg["mode"] == "reversible")
+        train_step(warm, wx)
+        del warm, wx
     model, x = build(cfg, cfg["steps"], cfg["mode"] == "reversible")
     params = list(model.parameters())
     gc.collect()
@@ -275,9 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=None,
                    help="micro_batch of the reversible mode (backward recomputation in slices of this many samples)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory table (time and gradients only)")
-    p.add_argument("--cold", action="store_true",
-                   help="memory: warm up on a tiny model only, so the one-time set-up of the measured shapes (JIT "
-                        "kernels, the fused ops' scratch buffers) counts in the growth of both modes")
+    p.add_argument("--baseline", choices=BASELINES, default=None,
+                   help="memory baseline: 'warm' (default) after one step of a K = 1 model of the same shapes and "
+                        "mode; 'cold' after one step of a tiny model (the one-time set-up of the measured shapes: "
+                        "JIT kernels, scratch buffers, convolution set-up, counts in the growth of both modes); "
+                        "'none' right after building the model, no warm-up at all")
+    p.add_argument("--cold", action="store_true", help="same as --baseline cold")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -318,13 +328,13 @@ def _run(args, argv) -> int:
 
     cfg = {"levels": args.levels, "hidden": args.hidden, "image": args.image, "channels": args.channels,
            "batch": args.batch, "seed": args.seed, "threads": args.threads, "micro_batch": args.micro_batch,
-           "cold": args.cold}
+           "baseline": args.baseline or ("cold" if args.cold else "warm")}
     desc = (f"Glow L={args.levels}, hidden {args.hidden}, {args.image}x{args.image}x{args.channels}, "
             f"batch {args.batch}, float32" + (f", reversible micro_batch {args.micro_batch}" if args.micro_batch
                                                else ""))
     print(f"flowops bench --op reversible: {desc}; "
           f"{'in this process' if args.in_process else 'one fresh process per (mode, K)'}; memory baseline after "
-          f"{'a tiny warm-up model (--cold)' if args.cold else 'a warm-up step of the same shapes (K = 1)'}")
+          f"{BASELINE_TEXT[cfg['baseline']]}")
     rows = []
     depths = [] if args.no_memory else list(args.depths)
     for k in depths:

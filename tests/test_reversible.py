@@ -287,15 +287,17 @@ def test_bench_reversible_quick(tmp_path):
     assert len(data["memory"]) == 2 * len(data["config"]["depths"])
     for g in data["gradients"]:
         assert g["max_rel"] <= data["targets"]["grad_rel_" + ("fp32" if g["dtype"] == "float32" else "fp64")]
-    assert data["timing"]["ratio"] > 0
+    assert data["timing"]["ratio"] > 0 and data["config"]["baseline"] == "warm"
     by = {(r["mode"], r["steps"]): r for r in data["memory"]}
     k = max(data["config"]["depths"])
     assert by[("ordinary", k)]["saved_peak"] > by[("reversible", k)]["saved_peak"] > 0
+    assert benchmark.main(["--op", "reversible", "--baseline", "sometimes"]) == 2
 
 
-def test_bench_reversible_fresh_process_child():
+@pytest.mark.parametrize("baseline", ["warm", "cold", "none"])
+def test_bench_reversible_fresh_process_child(baseline):
     cfg = {"levels": 1, "hidden": 4, "image": 4, "channels": 3, "batch": 2, "seed": 0, "threads": 1,
-           "steps": 2, "mode": "reversible"}
+           "steps": 2, "mode": "reversible", "baseline": baseline}
     rec = bench_reversible.run_child(cfg)
     assert rec["mode"] == "reversible" and rec["steps"] == 2
     assert rec["saved_peak"] > 0 and rec["rss_growth"] >= 0 and rec["param_bytes"] > 0
