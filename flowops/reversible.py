@@ -192,23 +192,20 @@ class _ActNormInvConvBlock(_Block):
         return self.module.norm_conv_inverse(y)[0]
 
     def backprop(self, y, extras, gy, gextras, gld, params, need_input_grad):
-        """On the C++ path the local gradients come from the fused op's backward kernel and the LU weight's
-        backward directly (the same kernels ordinary backprop runs), without re-running the forward."""
+        """On the C++ path one call (``actnorm_invconv_reverse``) rebuilds the input and takes the local gradients
+        through the fused op's backward kernel and the LU weight's backward (the kernels ordinary backprop runs),
+        without re-running the forward or consulting the layer's weight caches."""
         step = self.module
         an, ic = step.transforms[0], step.transforms[1]
         own = (an.log_scale, an.bias, ic.lower, ic.upper, ic.log_s)
-        if (not _direct(y) or not _has_ops("actnorm_invconv_bwd", "lu_weight_bwd")
+        if (not _direct(y) or not _has_ops("actnorm_invconv_reverse")
                 or len({id(p) for p in own}) != len(own) or {id(p) for p in self.all_params()} != set(map(id, own))):
             return super().backprop(y, extras, gy, gextras, gld, params, need_input_grad)
-        ops = torch.ops.flowops
-        with torch.no_grad():
-            x = step.norm_conv_inverse(y)[0]
-            w, wld = ic.forward_weight(), ic.log_s.sum()  # W cached: grad mode is off
-            gx, gls, gb, gw, gwld = ops.actnorm_invconv_bwd(gy, _zeros_ld(gld, y), x, an.log_scale, an.bias, w, wld,
-                                                            False)
-            g_lower, g_upper, g_log_s = ops.lu_weight_bwd(gw, ic.perm, ic.lower, ic.upper, ic.sign, ic.log_s)
-            g_log_s = g_log_s + gwld  # w_logdet = log_s.sum()
-        grads = dict(zip(map(id, own), (gls, gb, g_lower, g_upper, g_log_s)))
+        with torch.no_grad():  # the inverse, the fused op's backward and the LU weight's backward in one call
+            x, gx, *g = torch.ops.flowops.actnorm_invconv_reverse(y, gy.to(y.dtype), _zeros_ld(gld, y), an.log_scale,
+                                                                   an.bias, ic.perm, ic.lower, ic.upper, ic.sign,
+                                                                   ic.log_s)
+        grads = dict(zip(map(id, own), g))
         return x, (gx if need_input_grad else None), [grads[id(p)] for p in params]
 
 
@@ -236,7 +233,7 @@ class _CouplingBlock(_Block):
         """``(scale, clamp)`` of the coupling op when the direct path applies, else None."""
         from .nn.coupling import AdditiveCoupling, AffineCoupling
         t = self.module
-        if t.mask is not None or not _direct(y) or not _has_ops("affine_coupling_fwd", "affine_coupling_bwd"):
+        if t.mask is not None or not _direct(y) or not _has_ops("affine_coupling", "affine_coupling_bwd"):
             return None
         couple = type(t)._couple
         if couple is AffineCoupling._couple:
@@ -276,7 +273,7 @@ class _CouplingBlock(_Block):
             if cond.shape[1] != t.cond_out:
                 raise ValueError(f"{type(t).__name__}: conditioner returned {cond.shape[1]} channels along dim 1, "
                                  f"expected {t.cond_out}")
-            xt = ops.affine_coupling_fwd(yt, cond, None, scale, clamp, True)[0]
+            xt = ops.affine_coupling(yt, cond, None, scale, clamp, True)[0]  # the C++ autograd op: no Python redispatch
             gxt, gcond = ops.affine_coupling_bwd(gyt, _zeros_ld(gld, y), xt, cond, None, scale, clamp, False)
             if w is not None:
                 held = _meter_hold(h1, h2)  # what autograd would have saved for the conditioner's backward

@@ -361,6 +361,59 @@ def test_invconv_forward_weight_cached_without_grad_and_invalidated():
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("shape", [(5, 4, 3, 3), (3, 12, 16, 16), (2, 48, 4, 4), (4, 6), (0, 4, 2, 2), (1, 1, 1, 1)])
+def test_actnorm_invconv_reverse_matches_inverse_and_autograd(dtype, shape):
+    """The one-call walk of the reversible engine: x is GlowStep.norm_conv_inverse(y) bit for bit, and the
+    gradients are autograd's through GlowStep.norm_conv at x (up to summation order)."""
+    c = shape[1]
+    step = GlowStep(max(c, 2), 8) if c >= 2 else None
+    an, ic = (step.actnorm, step.invconv) if step is not None else (ActNorm(1), InvConv1x1(1))
+    gen = torch.Generator().manual_seed(c)
+    with torch.no_grad():
+        for p in (an.log_scale, an.bias, ic.lower, ic.upper, ic.log_s):
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+        an.initialized.fill_(1)
+    an, ic = an.to(dtype), ic.to(dtype)
+    y = torch.randn(shape, generator=gen, dtype=F64).to(dtype)
+    gy, gld = torch.randn_like(y), torch.randn(shape[0], generator=gen, dtype=F64).to(dtype)
+    with torch.no_grad():
+        x, gx, *g = torch.ops.flowops.actnorm_invconv_reverse(y, gy, gld, an.log_scale, an.bias, ic.perm, ic.lower,
+                                                               ic.upper, ic.sign, ic.log_s)
+        want_x = actnorm_invconv(y, an.log_scale, an.bias, ic.inverse_weight(), ic.log_s.sum(), inverse=True)[0]
+    assert torch.equal(x, want_x)
+    params = [an.log_scale, an.bias, ic.lower, ic.upper, ic.log_s]
+    xl = x.clone().requires_grad_()
+    out, ld = actnorm_invconv(xl, an.log_scale, an.bias, ic.forward_weight(), ic.log_s.sum(), inverse=False)
+    if y.numel():
+        want = torch.autograd.grad((out, ld), [xl, *params], (gy, gld))
+    else:
+        want = [torch.zeros_like(t) for t in (xl, *params)]
+    tol = 1e-12 if dtype == F64 else 2e-5
+    for a, b in zip([gx, *g], want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max([1.0, *b.abs().flatten().tolist()]))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_actnorm_invconv_reverse_checks_its_arguments():
+    ic, an = InvConv1x1(4).double(), ActNorm(4).double()
+    y = torch.randn(2, 4, 3, 3, dtype=F64)
+    lu = (ic.perm, ic.lower.detach(), ic.upper.detach(), ic.sign, ic.log_s.detach())
+    ls, b = an.log_scale.detach(), an.bias.detach()
+    with pytest.raises(ValueError, match="grad_y"):
+        torch.ops.flowops.actnorm_invconv_reverse(y, y[:1], torch.zeros(2, dtype=F64), ls, b, *lu)
+    with pytest.raises(ValueError, match="grad_logdet"):
+        torch.ops.flowops.actnorm_invconv_reverse(y, y, torch.zeros(3, dtype=F64), ls, b, *lu)
+    with pytest.raises(ValueError, match="log_scale"):
+        torch.ops.flowops.actnorm_invconv_reverse(y, y, torch.zeros(2, dtype=F64), ls[:3], b, *lu)
+    with pytest.raises(ValueError, match="lu_weight"):
+        torch.ops.flowops.actnorm_invconv_reverse(y, y, torch.zeros(2, dtype=F64), ls, b, *lu[:4], ls[:3])
+    with pytest.raises((ValueError, TypeError), match="dtype"):
+        torch.ops.flowops.actnorm_invconv_reverse(y.float(), y.float(), torch.zeros(2), ls, b, *lu)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
 def test_lu_weight_bwd_checks_its_arguments():
     ic = InvConv1x1(4).double()
     args = (ic.perm, ic.lower.detach(), ic.upper.detach(), ic.sign, ic.log_s.detach())
