@@ -403,12 +403,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lu_weight_bwd_cpu(const at::Tenso
 // x = the inverse of y (W^-1 = U^-1 L^-1 P^T by two triangular solves, as InvConv1x1.inverse_weight builds it),
 // then the gradients of the forward at x: actnorm_invconv_bwd with W = P L U (as lu_weight builds it), W's
 // gradient taken back to (lower, upper, log_s) as lu_weight_bwd does, plus the log-det's share of log_s.
+// With a record (flowops/reversible.py, bit_exact=True) the rebuild is corrected by rebuild_apply first.
 // Returns (x, grad_x, grad_log_scale, grad_bias, grad_lower, grad_upper, grad_log_s).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 actnorm_invconv_reverse_cpu(const at::Tensor& y, const at::Tensor& grad_y, const at::Tensor& grad_logdet,
                             const at::Tensor& log_scale, const at::Tensor& bias, const at::Tensor& perm,
                             const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& sign,
-                            const at::Tensor& log_s) {
+                            const at::Tensor& log_s, const std::optional<at::Tensor>& record_small,
+                            const std::optional<at::Tensor>& record_idx, const std::optional<at::Tensor>& record_vals) {
   check_lu_args(perm, lower, upper, sign, log_s);
   auto [L, U, d] = lu_factors(lower, upper, sign, log_s);
   const auto lo_solve = at::linalg_solve_triangular(L, perm.t(), /*upper=*/false, /*left=*/true,
@@ -416,6 +418,15 @@ actnorm_invconv_reverse_cpu(const at::Tensor& y, const at::Tensor& grad_y, const
   const auto w_inv = at::linalg_solve_triangular(U, lo_solve, /*upper=*/true);
   const auto wld = log_s.sum();
   auto x = std::get<0>(actnorm_invconv_fwd_cpu(y, log_scale, bias, w_inv, wld, /*inverse=*/true));
+  if (record_small.has_value()) {  // a bit-exact rebuild: the forward's rounding record applied before the gradients
+    TORCH_CHECK_VALUE(record_idx.has_value() && record_vals.has_value(),
+                      "actnorm_invconv_reverse: a record is small, idx and vals together");
+    static auto apply = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("flowops::rebuild_apply", "")
+                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&)>();
+    x = apply.call(x, *record_small, *record_idx, *record_vals);
+  }
   const auto rows = perm_rows(perm, lower, upper, sign, log_s);
   const auto w = rows.empty() ? at::mm(at::mm(perm, L), U) : lu_weight_loops(rows, lower, upper, sign, log_s);
   auto [gx, gls, gb, gw, gwld] = actnorm_invconv_bwd_cpu(grad_y, grad_logdet, x, log_scale, bias, w, wld, false);
@@ -430,8 +441,8 @@ TORCH_LIBRARY_FRAGMENT(flowops, m) {
   m.def("lu_weight_bwd(Tensor grad, Tensor perm, Tensor lower, Tensor upper, Tensor sign, Tensor log_s) -> "
         "(Tensor, Tensor, Tensor)");
   m.def("actnorm_invconv_reverse(Tensor y, Tensor grad_y, Tensor grad_logdet, Tensor log_scale, Tensor bias, "
-        "Tensor perm, Tensor lower, Tensor upper, Tensor sign, Tensor log_s) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor perm, Tensor lower, Tensor upper, Tensor sign, Tensor log_s, Tensor? record_small=None, "
+        "Tensor? record_idx=None, Tensor? record_vals=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("actnorm_invconv_fwd(Tensor x, Tensor log_scale, Tensor bias, Tensor weight, Tensor w_logdet, "
         "bool inverse) -> (Tensor, Tensor)");
   m.def("actnorm_invconv_bwd(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor log_scale, Tensor bias, "

@@ -94,6 +94,7 @@ def build(cfg, steps: int, reversible: bool, dtype=torch.float32):
     c, s = cfg["channels"], cfg["image"]
     model = Glow((c, s, s), levels=cfg["levels"], steps=steps, hidden=cfg["hidden"], reversible=reversible)
     model.transform.micro_batch = cfg.get("micro_batch")
+    model.transform.bit_exact = bool(cfg.get("bit_exact"))
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)
     with torch.no_grad():  # leave the near-identity start, so every parameter gets a gradient
         for p in model.parameters():
@@ -160,7 +161,7 @@ def grad_rel_error(cfg, steps: int, dtype) -> dict:
     model, x = build(cfg, steps, False, dtype)
     model.log_prob(x)  # ActNorm initialization, shared by both copies
     twin = copy.deepcopy(model)
-    twin.transform.reversible = True
+    twin.transform.reversible, twin.transform.bit_exact = True, False
     lo, lr = train_step(model, x), train_step(twin, x)
 
     def worst(a, ref):
@@ -197,9 +198,14 @@ def grad_rel_error(cfg, steps: int, dtype) -> dict:
         # the same with a stored input every 8 steps (checkpoint_every=8): reconstruction restarts from exact
         # values, so rounding cannot build up through the whole stack
         ck = copy.deepcopy(model)
-        ck.transform.reversible, ck.transform.checkpoint_every = True, 8
+        ck.transform.reversible, ck.transform.checkpoint_every, ck.transform.bit_exact = True, 8, False
         train_step(ck, x)
         out["checkpoint8_global"], out["checkpoint8_vs_fp64_global"] = global_rel(ck, model), global_rel(ck, ref)
+    # bit-exact rebuilds (the rounding differences kept): gradients should equal ordinary backprop's
+    ex = copy.deepcopy(model)
+    ex.transform.reversible, ex.transform.bit_exact = True, True
+    train_step(ex, x)
+    out["bit_exact_worst"], out["bit_exact_global"] = worst(ex, model)[0], global_rel(ex, model)
     return out
 
 
@@ -282,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=None,
                    help="micro_batch of the reversible mode (backward recomputation in slices of this many samples)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory table (time and gradients only)")
+    p.add_argument("--bit-exact", action="store_true",
+                   help="the reversible mode keeps its rounding differences (bit_exact=True) in the memory table and "
+                        "the step time")
     p.add_argument("--baseline", choices=BASELINES, default=None,
                    help="memory baseline: 'warm' (default) after one step of a K = 1 model of the same shapes and "
                         "mode; 'cold' after one step of a tiny model (the one-time set-up of the measured shapes: "
@@ -328,10 +337,10 @@ def _run(args, argv) -> int:
 
     cfg = {"levels": args.levels, "hidden": args.hidden, "image": args.image, "channels": args.channels,
            "batch": args.batch, "seed": args.seed, "threads": args.threads, "micro_batch": args.micro_batch,
-           "baseline": args.baseline or ("cold" if args.cold else "warm")}
+           "baseline": args.baseline or ("cold" if args.cold else "warm"), "bit_exact": args.bit_exact}
     desc = (f"Glow L={args.levels}, hidden {args.hidden}, {args.image}x{args.image}x{args.channels}, "
             f"batch {args.batch}, float32" + (f", reversible micro_batch {args.micro_batch}" if args.micro_batch
-                                               else ""))
+                                               else "") + (", reversible bit_exact" if args.bit_exact else ""))
     print(f"flowops bench --op reversible: {desc}; "
           f"{'in this process' if args.in_process else 'one fresh process per (mode, K)'}; memory baseline after "
           f"{BASELINE_TEXT[cfg['baseline']]}")
@@ -363,6 +372,8 @@ def _run(args, argv) -> int:
                   f"{g['ordinary_1ulp_worst']:.2e} (worst tensor)")
             print(f"  with checkpoint_every=8: all parameters together {g['checkpoint8_global']:.2e} from ordinary "
                   f"{g['dtype']}, {g['checkpoint8_vs_fp64_global']:.2e} from float64")
+        print(f"  with bit_exact=True: worst tensor {g['bit_exact_worst']:.2e}, all parameters together "
+              f"{g['bit_exact_global']:.2e} from ordinary {g['dtype']}")
     rev = [r["saved_peak"] for r in rows if r["mode"] == "reversible"]
     flat = max(rev) / max(min(rev), 1) if rev else None
     if rev:

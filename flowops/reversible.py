@@ -41,6 +41,13 @@ Rules and options:
   reconstruction restarts from an exact tensor every k layers: use it for very deep or badly conditioned
   stacks. ``drift_tol=None`` uses a dtype default (:data:`DEFAULT_DRIFT_TOL`); ``check_drift=False``
   turns the check off.
+* ``bit_exact=True`` makes every rebuild exact: the forward also inverts each layer's output the way the
+  backward will and keeps the difference to the true input as a compact record (the integer differences of the
+  values' ordered bit patterns: one int8 per value, plus the rare positions where that does not fit), and the
+  backward adds it back before taking the layer's gradients. Inputs are then rebuilt bit for bit and the
+  gradients equal ordinary backprop's up to summation order, in any precision and at any conditioning, for
+  about one byte per transformed value per layer (memory that grows with depth, far slower than ordinary
+  backprop's) and the forward's extra inverses.
 * ``micro_batch=m`` runs each layer's recomputation and local backward on slices of ``m`` samples (the
   layers act on samples independently once ActNorm is initialized), which lowers the transient memory of
   the one live layer for a small cost in speed; gradients are unchanged up to summation order.
@@ -102,13 +109,22 @@ class _Block:
     def inverse(self, y, extras):
         return self.module.inverse(y)[0]
 
-    def backprop(self, y, extras, gy, gextras, gld, params, need_input_grad):
-        """Rebuild the input from ``y`` and backpropagate through this block alone.
+    def forward_exact(self, h):
+        """:meth:`forward` and the record (:func:`_encode`) that turns :meth:`backprop`'s rebuild of ``h`` into
+        ``h`` bit for bit (None when the rebuild is exact already)."""
+        y, ex, ld = self.forward(h)
+        if isinstance(self.module, _lossless_kinds()):
+            return y, ex, ld, None
+        return y, ex, ld, _encode(h, self.inverse(y, ex))
+
+    def backprop(self, y, extras, gy, gextras, gld, params, need_input_grad, fix=None):
+        """Rebuild the input from ``y`` (corrected by ``fix``, a :meth:`forward_exact` record) and backpropagate
+        through this block alone.
 
         Returns ``(x, grad_x or None, [grad per param or None])``.
         """
         with torch.no_grad():
-            x = self.inverse(y, extras)
+            x = _decode(self.inverse(y, extras), fix)
         return (x,) + self._local_grad(x, gy, gextras, gld, params, need_input_grad)
 
     def _local_grad(self, x, gy, gextras, gld, params, need_input_grad):
@@ -173,6 +189,70 @@ def _zeros_ld(gld, x):
     return gld.to(x.dtype) if gld is not None else x.new_zeros(x.shape[0])
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Bit-exact rebuilds: the rounding difference between a layer's input and its rebuild from the output, kept
+# exactly. A float's bits, read as a signed integer with the magnitude bits flipped for negative values, order
+# like the floats themselves (-0 and +0 adjacent), so neighbouring floats have neighbouring keys and a rebuild a
+# few ulps off differs by a small integer. Differences are taken in the key's own width (wrapping), so adding
+# them back restores every bit pattern exactly (NaN payloads, infinities, signed zeros included).
+# ----------------------------------------------------------------------------------------------------------
+
+_KEYS = {torch.float32: (torch.int32, 31), torch.float64: (torch.int64, 63), torch.float16: (torch.int16, 15),
+         torch.bfloat16: (torch.int16, 15)}
+
+
+def _keys(x):
+    itype, top = _KEYS[x.dtype]
+    i = x.contiguous().view(itype)
+    return i ^ ((i >> top) & ((1 << top) - 1))
+
+
+def _from_keys(k, dtype):
+    itype, top = _KEYS[dtype]
+    return (k ^ ((k >> top) & ((1 << top) - 1))).view(dtype)
+
+
+def _encode(x, rebuilt):
+    """``None`` when ``rebuilt`` equals ``x`` bit for bit, else ``(small, idx, vals)``: the key differences as
+    int8 (clamped) and, for the flat positions where they do not fit, the exact differences. On CPU one C++
+    pass (``torch.ops.flowops.rebuild_record``); elsewhere these torch ops."""
+    if x.dtype not in _KEYS:
+        raise TypeError(f"reversible: bit_exact supports float16, bfloat16, float32 and float64, got {x.dtype}")
+    if x.device.type == "cpu" and _has_ops("rebuild_record"):
+        small, idx, vals = torch.ops.flowops.rebuild_record(x, rebuilt)
+        return (small, idx, vals) if small.numel() else None
+    d = _keys(x) - _keys(rebuilt)
+    if not bool(d.any()):
+        return None
+    small = d.clamp(-127, 127).to(torch.int8)
+    idx = (d != small).flatten().nonzero().squeeze(1)
+    return small, idx, d.flatten()[idx]
+
+
+def _decode(rebuilt, fix):
+    """``rebuilt`` corrected by :func:`_encode`'s record: the original tensor, bit for bit."""
+    if fix is None:
+        return rebuilt
+    small, idx, vals = fix
+    if rebuilt.device.type == "cpu" and _has_ops("rebuild_apply"):
+        return torch.ops.flowops.rebuild_apply(rebuilt, small, idx, vals)
+    d = small.to(_KEYS[rebuilt.dtype][0])
+    if idx.numel():
+        d.view(-1)[idx] = vals
+    return _from_keys(_keys(rebuilt) + d, rebuilt.dtype)
+
+
+def _slice_fix(fix, sl, n):
+    """The record of samples ``sl`` (a slice) of an ``n``-sample tensor."""
+    if fix is None:
+        return None
+    small, idx, vals = fix
+    per = small.numel() // max(n, 1)
+    lo, hi = sl.start * per, min(sl.stop, n) * per
+    keep = (idx >= lo) & (idx < hi)
+    return small[sl], idx[keep] - lo, vals[keep]
+
+
 class _ActNormInvConvBlock(_Block):
     """A GlowStep's ActNorm and 1x1 convolution as one block, through :meth:`GlowStep.norm_conv` and
     :meth:`GlowStep.norm_conv_inverse` (the fused op outside the reference backend, as the ordinary
@@ -191,20 +271,22 @@ class _ActNormInvConvBlock(_Block):
     def inverse(self, y, extras):
         return self.module.norm_conv_inverse(y)[0]
 
-    def backprop(self, y, extras, gy, gextras, gld, params, need_input_grad):
+    def backprop(self, y, extras, gy, gextras, gld, params, need_input_grad, fix=None):
         """On the C++ path one call (``actnorm_invconv_reverse``) rebuilds the input and takes the local gradients
         through the fused op's backward kernel and the LU weight's backward (the kernels ordinary backprop runs),
         without re-running the forward or consulting the layer's weight caches."""
         step = self.module
         an, ic = step.transforms[0], step.transforms[1]
         own = (an.log_scale, an.bias, ic.lower, ic.upper, ic.log_s)
-        if (not _direct(y) or not _has_ops("actnorm_invconv_reverse")
+        if (not _direct(y) or not _has_ops("actnorm_invconv_reverse", "rebuild_apply")
                 or len({id(p) for p in own}) != len(own) or {id(p) for p in self.all_params()} != set(map(id, own))):
-            return super().backprop(y, extras, gy, gextras, gld, params, need_input_grad)
-        with torch.no_grad():  # the inverse, the fused op's backward and the LU weight's backward in one call
-            x, gx, *g = torch.ops.flowops.actnorm_invconv_reverse(y, gy.to(y.dtype), _zeros_ld(gld, y), an.log_scale,
-                                                                   an.bias, ic.perm, ic.lower, ic.upper, ic.sign,
-                                                                   ic.log_s)
+            return super().backprop(y, extras, gy, gextras, gld, params, need_input_grad, fix)
+        ops = torch.ops.flowops
+        with torch.no_grad():
+            # the inverse (corrected by a bit-exact record), the fused op's backward and the LU weight's backward
+            x, gx, *g = ops.actnorm_invconv_reverse(y, gy.to(y.dtype), _zeros_ld(gld, y), an.log_scale, an.bias,
+                                                    ic.perm, ic.lower, ic.upper, ic.sign, ic.log_s,
+                                                    *(fix if fix is not None else ()))
         grads = dict(zip(map(id, own), g))
         return x, (gx if need_input_grad else None), [grads[id(p)] for p in params]
 
@@ -255,7 +337,22 @@ class _CouplingBlock(_Block):
             return None
         return w
 
-    def _backprop_direct(self, kernel, y, gy, gld, params, need_input_grad):
+    def forward_exact(self, h):
+        """The coupling's forward through its conditioner and coupling op, and the record of its rebuild (the
+        transformed part only: the pass-through part is rebuilt exactly)."""
+        t = self.module
+        if t.mask is None:
+            xp, xt = h[:, t._pass], h[:, t._trans]
+            cond = t._params(xp)
+            yt, ld = t._couple(xt, cond, False, None)
+            y = torch.cat((xp, yt) if t._pass_first else (yt, xp), dim=1)
+            return y, (), ld, _encode(xt, t._couple(yt, cond, True, None)[0])
+        m = t.mask.to(h.dtype)
+        cond = t._params(h * m)
+        y, ld = t._couple(h, cond, False, m)
+        return y, (), ld, _encode(h, t._couple(y, cond, True, m)[0])
+
+    def _backprop_direct(self, kernel, y, gy, gld, params, need_input_grad, fix):
         t = self.module
         ops = torch.ops.flowops
         scale, clamp = kernel
@@ -273,7 +370,7 @@ class _CouplingBlock(_Block):
             if cond.shape[1] != t.cond_out:
                 raise ValueError(f"{type(t).__name__}: conditioner returned {cond.shape[1]} channels along dim 1, "
                                  f"expected {t.cond_out}")
-            xt = ops.affine_coupling(yt, cond, None, scale, clamp, True)[0]  # the C++ autograd op: no Python redispatch
+            xt = _decode(ops.affine_coupling(yt, cond, None, scale, clamp, True)[0], fix)  # C++ op: no redispatch
             gxt, gcond = ops.affine_coupling_bwd(gyt, _zeros_ld(gld, y), xt, cond, None, scale, clamp, False)
             if w is not None:
                 held = _meter_hold(h1, h2)  # what autograd would have saved for the conditioner's backward
@@ -294,19 +391,19 @@ class _CouplingBlock(_Block):
         gx = torch.cat((gxp, gxt) if t._pass_first else (gxt, gxp), dim=1)
         return x, gx, gp
 
-    def backprop(self, y, extras, gy, gextras, gld, params, need_input_grad):
+    def backprop(self, y, extras, gy, gextras, gld, params, need_input_grad, fix=None):
         t = self.module
         y = y.detach()
         kernel = self._coupling_kernel(y)
         if kernel is not None:
-            return self._backprop_direct(kernel, y, gy, gld, params, need_input_grad)
+            return self._backprop_direct(kernel, y, gy, gld, params, need_input_grad, fix)
         if t.mask is None:
             yp, yt = y[:, t._pass], y[:, t._trans]
             with torch.enable_grad():
                 xp = yp.detach().requires_grad_(need_input_grad)
                 cond = t._params(xp)
             with torch.no_grad():
-                xt = t._couple(yt, cond.detach(), True, None)[0]
+                xt = _decode(t._couple(yt, cond.detach(), True, None)[0], fix)
             with torch.enable_grad():
                 xt = xt.requires_grad_(need_input_grad)
                 yt2, ld = t._couple(xt, cond, False, None)
@@ -324,7 +421,7 @@ class _CouplingBlock(_Block):
             yc = y.detach().requires_grad_(need_input_grad)
             cond = t._params(yc * m)  # x * m == y * m: the pass-through positions are unchanged
         with torch.no_grad():
-            x = t._couple(y, cond.detach(), True, m)[0]
+            x = _decode(t._couple(y, cond.detach(), True, m)[0], fix)
         with torch.enable_grad():
             xl = x.requires_grad_(need_input_grad)
             y2, ld = t._couple(xl, cond, False, m)
@@ -343,6 +440,12 @@ def _exact_kinds():
     from .nn.glow import ActNorm, InvConv1x1, Split, Squeeze
     from .nn.made import _MaskedAffine
     return _Coupling, (Permutation, ActNorm, InvConv1x1, Squeeze, _MaskedAffine), Split
+
+
+def _lossless_kinds():
+    """Layers whose inverse rebuilds the input bit for bit (they only move values)."""
+    from .nn.glow import Squeeze
+    return Permutation, Squeeze
 
 
 def reversible_blocks(modules, prefix: str = ""):
@@ -409,9 +512,10 @@ class _Engine:
     """Runs a list of blocks as one autograd node (not an nn.Module: it only references the layers)."""
 
     def __init__(self, blocks, checkpoint_every=None, drift_tol=None, on_drift="warn", check_drift=True,
-                 micro_batch=None):
+                 micro_batch=None, bit_exact=False):
         self.blocks = blocks
         self.micro_batch = micro_batch
+        self.bit_exact = bool(bit_exact)
         self.checkpoint_every = checkpoint_every
         self.drift_tol = drift_tol
         self.on_drift = on_drift
@@ -490,15 +594,16 @@ def _rel_err(a, b) -> float:
     return d / scale
 
 
-def _backprop_chunked(b, h, ex, gh, gex, gld, params, need_x, micro_batch):
+def _backprop_chunked(b, h, ex, gh, gex, gld, params, need_x, micro_batch, fix=None):
     """``b.backprop`` over slices of ``micro_batch`` samples (layers act on each sample independently)."""
     n = h.shape[0]
     if not micro_batch or n <= micro_batch:
-        return b.backprop(h, ex, gh, gex, gld, params, need_x)
+        return b.backprop(h, ex, gh, gex, gld, params, need_x, fix)
     xs, gxs, gps = [], [], [None] * len(params)
     for s in range(0, n, micro_batch):
         sl = slice(s, s + micro_batch)
-        x, gx, gp = b.backprop(h[sl], [e[sl] for e in ex], gh[sl], [g[sl] for g in gex], gld[sl], params, need_x)
+        x, gx, gp = b.backprop(h[sl], [e[sl] for e in ex], gh[sl], [g[sl] for g in gex], gld[sl], params, need_x,
+                               _slice_fix(fix, sl, n))
         xs.append(x)
         gxs.append(gx)
         gps = [g if a is None else (a if g is None else a + g) for a, g in zip(gps, gp)]
@@ -548,13 +653,18 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, engine, n_extra, x, *params):
         ckpt = engine.checkpoint_indices()
-        stored = {}
+        stored, fixes = {}, {}
         h, total, extras = x, None, []
         with torch.no_grad():
             for i, b in enumerate(engine.blocks):
                 if i in ckpt:
                     stored[i] = h
-                h, ex, ld = b.forward(h)
+                if engine.bit_exact:  # stored inputs too: the block's own gradients are taken at its rebuild
+                    h, ex, ld, fix = b.forward_exact(h)
+                    if fix is not None:
+                        fixes[i] = fix
+                else:
+                    h, ex, ld = b.forward(h)
                 extras.extend(ex)
                 total = ld if total is None else total + ld
         if total is None:
@@ -566,8 +676,10 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.params = params
         ctx.versions = _versions(params)  # after the forward: ActNorm may have initialized itself in it
         ctx.stored_idx = sorted(stored)
+        ctx.fix_idx = sorted(fixes)
         ctx.x_requires_grad = ctx.needs_input_grad[2]
-        ctx.save_for_backward(h, *extras, *(stored[i] for i in ctx.stored_idx))
+        ctx.save_for_backward(h, *extras, *(stored[i] for i in ctx.stored_idx),
+                              *(t for i in ctx.fix_idx for t in fixes[i]))
         return (h, total, *extras)
 
     @staticmethod
@@ -590,6 +702,8 @@ class _ReversibleFunction(torch.autograd.Function):
         h = saved[0]
         extras = list(saved[1:1 + n_extra])
         stored = dict(zip(ctx.stored_idx, saved[1 + n_extra:1 + n_extra + n_stored]))
+        rest = saved[1 + n_extra + n_stored:]
+        fixes = {i: tuple(rest[3 * k:3 * k + 3]) for k, i in enumerate(ctx.fix_idx)}
         index = {id(p): j for j, p in enumerate(params)}
         slots = _GradSlots(params, ctx.needs_input_grad[3:])
         gh = gh if gh is not None else torch.zeros_like(h)
@@ -606,7 +720,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 ex, gex = (), ()
             bp = b.params()
             need_x = i > 0 or ctx.x_requires_grad
-            x, gx, gp = _backprop_chunked(b, h, ex, gh, gex, gtotal, bp, need_x, engine.micro_batch)
+            x, gx, gp = _backprop_chunked(b, h, ex, gh, gex, gtotal, bp, need_x, engine.micro_batch, fixes.get(i))
             for p, g in zip(bp, gp):
                 if g is None:
                     continue
@@ -634,7 +748,7 @@ class ReversibleSequential(Transform):
 
     def __init__(self, *transforms: Transform, checkpoint_every: int | None = None, drift_tol: float | None = None,
                  on_drift: str = "warn", check_drift: bool = True, enabled: bool = True,
-                 micro_batch: int | None = None):
+                 micro_batch: int | None = None, bit_exact: bool = False):
         super().__init__()
         if len(transforms) == 1 and isinstance(transforms[0], (list, tuple, nn.ModuleList)):
             transforms = tuple(transforms[0])
@@ -647,6 +761,7 @@ class ReversibleSequential(Transform):
         self.drift_tol = None if drift_tol is None else float(drift_tol)
         self.on_drift, self.check_drift, self.enabled = on_drift, bool(check_drift), bool(enabled)
         self.micro_batch = _check_micro_batch(micro_batch)
+        self.bit_exact = _check_bit_exact(bit_exact)
         reversible_blocks(self.transforms, "transforms.")  # raises early for a layer without an exact inverse
 
     def __len__(self):
@@ -657,7 +772,7 @@ class ReversibleSequential(Transform):
 
     def engine(self) -> _Engine:
         return _Engine(reversible_blocks(self.transforms, "transforms."), self.checkpoint_every, self.drift_tol,
-                       self.on_drift, self.check_drift, self.micro_batch)
+                       self.on_drift, self.check_drift, self.micro_batch, _check_bit_exact(self.bit_exact))
 
     def forward(self, x):
         if not isinstance(x, torch.Tensor):
@@ -676,7 +791,13 @@ class ReversibleSequential(Transform):
 
     def extra_repr(self):
         return (f"checkpoint_every={self.checkpoint_every}, drift_tol={self.drift_tol}, on_drift={self.on_drift!r}, "
-                f"enabled={self.enabled}")
+                f"enabled={self.enabled}, bit_exact={self.bit_exact}")
+
+
+def _check_bit_exact(bit_exact):
+    if not isinstance(bit_exact, bool):
+        raise TypeError(f"reversible: bit_exact must be a bool, got {type(bit_exact).__name__}")
+    return bit_exact
 
 
 def _check_micro_batch(micro_batch):

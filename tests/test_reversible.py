@@ -292,6 +292,11 @@ def test_bench_reversible_quick(tmp_path):
     k = max(data["config"]["depths"])
     assert by[("ordinary", k)]["saved_peak"] > by[("reversible", k)]["saved_peak"] > 0
     assert benchmark.main(["--op", "reversible", "--baseline", "sometimes"]) == 2
+    js2 = tmp_path / "exact.json"
+    assert benchmark.main(["--op", "reversible", "--quick", "--in-process", "--threads", "1", "--plot", "",
+                           "--bit-exact", "--no-memory", "--json", str(js2)]) == 0
+    exact = json.loads(js2.read_text())
+    assert exact["config"]["bit_exact"] and all(g["bit_exact_global"] <= 1e-6 for g in exact["gradients"])
 
 
 @pytest.mark.parametrize("baseline", ["warm", "cold", "none"])
@@ -382,3 +387,153 @@ def test_direct_kernel_walk_matches_generic_walk_other_conditioner(monkeypatch, 
     flow = _rev_flow(_perturb(RealNVP(5, layers=4, hidden=16, mask="half")).to(dtype))
     taken = _direct_vs_generic(monkeypatch, flow, torch.randn(7, 5, dtype=dtype), dtype, tol)
     assert taken == {"conv": 0, "coupling": 4}
+
+
+# ------------------------------------------------------------------------------------------ bit-exact rebuilds
+
+def _every_rebuild_exact(model, x, monkeypatch=None):
+    """Run the engine's forward with records and check every block's backprop rebuilds its input bit for bit."""
+    import flowops.reversible as rev_mod
+
+    t = model.transform
+    named = []
+    for lvl, flow in enumerate(t.flows):
+        named += [("squeeze", t.squeeze), (f"flows.{lvl}", flow)]
+        if lvl < len(t.splits):
+            named.append((f"splits.{lvl}", t.splits[lvl]))
+    blocks = rev_mod.reversible_blocks(named)
+    for b in blocks:
+        b.params()
+    ins, outs, fixes = [], [], []
+    with torch.no_grad():
+        h = x
+        for b in blocks:
+            ins.append(h)
+            y, ex, _, fix = b.forward_exact(h)
+            outs.append((y, ex))
+            fixes.append(fix)
+            h = y
+    kinds = set()
+    for b, h, (y, ex), fix in zip(blocks, ins, outs, fixes):
+        gy = torch.randn_like(y)
+        rebuilt = b.backprop(y, ex, gy, [torch.randn_like(e) for e in ex], torch.randn(x.shape[0], dtype=x.dtype),
+                             b.params(), True, fix)[0]
+        assert rebuilt.dtype == h.dtype and torch.equal(rebuilt, h), b.label()
+        kinds.add(type(b).__name__)
+    return kinds, sum(f is not None for f in fixes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("coupling", ["affine", "additive"])
+@pytest.mark.parametrize("path", ["direct", "generic"])
+def test_bit_exact_records_rebuild_every_block_exactly(monkeypatch, dtype, coupling, path):
+    import flowops.reversible as rev_mod
+
+    if path == "generic":
+        monkeypatch.setattr(rev_mod, "_direct", lambda t: False)
+    torch.manual_seed(0)
+    model = _perturb(Glow((3, 8, 8), levels=2, steps=3, hidden=8, coupling=coupling), 0.1).to(dtype)
+    x = torch.rand(5, 3, 8, 8, dtype=dtype)
+    model.log_prob(x)  # ActNorm initialization
+    kinds, n_fixes = _every_rebuild_exact(model, x)
+    assert kinds == {"_Block", "_ActNormInvConvBlock", "_CouplingBlock", "_SplitBlock"}
+    assert n_fixes > 0  # the plain rebuilds were not exact: the records did the work
+
+
+def _grad_diff(a, b):
+    num = sum(((p.grad - q.grad) ** 2).sum() for p, q in zip(a.parameters(), b.parameters()) if q.grad is not None)
+    den = sum((q.grad ** 2).sum() for q in b.parameters() if q.grad is not None)
+    return (num / den).sqrt().item()
+
+
+@pytest.mark.parametrize("micro_batch,checkpoint_every", [(None, None), (2, None), (None, 5), (3, 4)])
+def test_bit_exact_glow_gradients_equal_ordinary_float32(micro_batch, checkpoint_every):
+    """Deep perturbed float32 Glow: the default rebuild drifts (gradients differ), the bit-exact one does not."""
+    torch.manual_seed(1)
+    ordinary = _perturb(Glow((3, 8, 8), levels=2, steps=6, hidden=16), 0.3)
+    x = torch.rand(5, 3, 8, 8)
+    ordinary.log_prob(x)
+    modes = {}
+    for exact in (False, True):
+        rev = copy.deepcopy(ordinary)
+        rev.transform.reversible, rev.transform.bit_exact = True, exact
+        rev.transform.micro_batch, rev.transform.checkpoint_every = micro_batch, checkpoint_every
+        modes[exact] = rev
+    w = torch.linspace(0.5, 1.5, 5)
+    for m in (ordinary, *modes.values()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ReversibleDriftWarning)
+            (m.log_prob(x) * w).sum().backward()
+    assert _grad_diff(modes[True], ordinary) <= 1e-6
+    # the default rebuild drifts far (to non-finite gradients at these weights without checkpoints)
+    assert not _grad_diff(modes[False], ordinary) <= 10 * max(_grad_diff(modes[True], ordinary), 1e-9)
+    for (name, p), q in zip(ordinary.named_parameters(), modes[True].parameters()):
+        assert _rel(q.grad, p.grad) <= 1e-5, name
+    # retain_graph: a second backward through the same graph rebuilds from the same records
+    modes[True].zero_grad()
+    lp = modes[True].log_prob(x)
+    (lp * w).sum().backward(retain_graph=True)
+    first = [p.grad.clone() for p in modes[True].parameters()]
+    modes[True].zero_grad()
+    (lp * w).sum().backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(first, modes[True].parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bit_exact_realnvp_maf_mixed(dtype):
+    torch.manual_seed(0)
+    for flow, x in ((_perturb(RealNVP(5, layers=6, hidden=16, mask="alternating"), 0.3).to(dtype),
+                     torch.randn(7, 5, dtype=dtype)),
+                    (_perturb(RealNVP(6, layers=6, hidden=16, mask="half"), 0.3).to(dtype),
+                     torch.randn(7, 6, dtype=dtype)),
+                    (_perturb(MAF(4, transforms=3, hidden=(12, 12)), 0.2).to(dtype), torch.randn(6, 4, dtype=dtype))):
+        rev = _rev_flow(flow, bit_exact=True)
+        _compare(flow, rev, x, dtype)
+        assert rev.transform.bit_exact and "bit_exact=True" in repr(rev.transform)
+
+
+def test_bit_exact_option_checks():
+    with pytest.raises(TypeError, match="bit_exact"):
+        ReversibleSequential(AffineCoupling(4), bit_exact=1)
+    g = Glow((3, 4, 4), levels=1, steps=1, hidden=4, reversible=True)
+    g.transform.bit_exact = "yes"
+    with pytest.raises(TypeError, match="bit_exact"):
+        g.log_prob(torch.rand(2, 3, 4, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_rebuild_record_codec(dtype):
+    """The records restore every bit pattern (signed zeros, infinities, NaN, tiny values rebuilt from large
+    ones, values crossing zero); the C++ pass equals the torch-ops reference; slices by samples too."""
+    import flowops.reversible as rev_mod
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 40000, generator=gen).to(dtype)
+    x[:, ::9] = 1e-3
+    x.view(-1)[:6] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -1e-3]).to(dtype)
+    rebuilt = (x.double() * (1 + 1e-3 * torch.randn(x.shape, generator=gen, dtype=torch.float64)) + 1e-6).to(dtype)
+    rebuilt.view(-1)[:6] = torch.tensor([-0.0, 0.0, float("inf"), 1.0, 2.0, 1e-3]).to(dtype)
+    itype = rev_mod._KEYS[dtype][0]
+    ref_d = rev_mod._keys(x) - rev_mod._keys(rebuilt)
+    small = ref_d.clamp(-127, 127).to(torch.int8)
+    ref = (small, (ref_d != small).flatten().nonzero().squeeze(1))
+    assert ref[1].numel() > 0
+    fix = rev_mod._encode(x, rebuilt)
+    assert torch.equal(fix[0], ref[0]) and torch.equal(fix[1], ref[1])
+    assert torch.equal(rev_mod._decode(rebuilt, fix).view(itype), x.view(itype))
+    part = rev_mod._slice_fix(fix, slice(2, 5), 6)
+    assert torch.equal(rev_mod._decode(rebuilt[2:5], part).view(itype), x[2:5].view(itype))
+    assert rev_mod._encode(x, x.clone()) is None
+    if _backend.has_cpp() and hasattr(torch.ops.flowops, "rebuild_record"):
+        with pytest.raises(ValueError, match="same shape"):
+            torch.ops.flowops.rebuild_record(x, rebuilt[:3])
+        with pytest.raises(ValueError, match="small"):
+            torch.ops.flowops.rebuild_apply(rebuilt, fix[0][:3], fix[1], fix[2])
+        with pytest.raises(ValueError, match="idx"):
+            torch.ops.flowops.rebuild_apply(rebuilt, fix[0], fix[1], fix[2][:1])
+        bad = fix[1].clone()
+        bad[0] = x.numel()
+        with pytest.raises(ValueError, match="out of range"):
+            torch.ops.flowops.rebuild_apply(rebuilt, fix[0], bad, fix[2])
+    with pytest.raises(TypeError, match="bit_exact"):
+        rev_mod._encode(x.to(torch.int32), x.to(torch.int32))

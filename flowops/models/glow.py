@@ -25,7 +25,8 @@ class GlowTransform(Transform):
     only the latents and the log-det, the backward rebuilds each layer's input from its output; the
     split latents are outputs of the reversible node. ``checkpoint_every=k`` also stores the input of
     every k-th layer (squeezes, ActNorms, 1x1 convs, couplings and splits counted one by one); the
-    attributes ``drift_tol`` and ``on_drift`` set the drift check, ``micro_batch`` the backward's slices.
+    attributes ``drift_tol`` and ``on_drift`` set the drift check, ``micro_batch`` the backward's slices,
+    ``bit_exact`` the exact rebuilds (see :class:`flowops.ReversibleSequential`).
     Values, gradients and the state_dict layout are those of the ordinary model; the attribute
     ``reversible`` can be switched at any time.
     """
@@ -37,7 +38,7 @@ class GlowTransform(Transform):
 
         self.reversible = bool(reversible)
         self.checkpoint_every = _check_options(checkpoint_every, None, "warn")
-        self.drift_tol, self.on_drift, self.micro_batch = None, "warn", None
+        self.drift_tol, self.on_drift, self.micro_batch, self.bit_exact = None, "warn", None, False
         if not isinstance(in_shape, (tuple, list, torch.Size)) or len(in_shape) != 3:
             raise ValueError(f"Glow: in_shape must be (C, H, W), got {in_shape!r}")
         c, h, w = (_positive_int(f"Glow: in_shape[{i}]", int(s)) for i, s in enumerate(in_shape))
@@ -111,7 +112,7 @@ class GlowTransform(Transform):
         return torch.cat([p.flatten(1) for p in parts], dim=1), total
 
     def _reversible_forward(self, x):
-        from ..reversible import _Engine, reversible_blocks
+        from ..reversible import _check_bit_exact, _Engine, reversible_blocks
 
         named = []
         for lvl, flow in enumerate(self.flows):
@@ -119,7 +120,7 @@ class GlowTransform(Transform):
             if lvl < len(self.splits):
                 named.append((f"splits.{lvl}", self.splits[lvl]))
         engine = _Engine(reversible_blocks(named), self.checkpoint_every, self.drift_tol, self.on_drift,
-                         micro_batch=self.micro_batch)
+                         micro_batch=self.micro_batch, bit_exact=_check_bit_exact(self.bit_exact))
         h, total, parts = engine.run(x)
         return torch.cat([p.flatten(1) for p in (*parts, h)], dim=1), x.new_zeros(x.shape[0]) + total
 
