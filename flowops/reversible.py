@@ -47,7 +47,7 @@ Rules and options:
   backward adds it back before taking the layer's gradients. Inputs are then rebuilt bit for bit and the
   gradients equal ordinary backprop's up to summation order, in any precision and at any conditioning, for
   about one byte per transformed value per layer (memory that grows with depth, far slower than ordinary
-  backprop's) and the forward's extra inverses.
+  backprop's) and the forward's extra inverses. It cannot be combined with ``micro_batch`` (``ValueError``).
 * ``micro_batch=m`` runs each layer's recomputation and local backward on slices of ``m`` samples (the
   layers act on samples independently once ActNorm is initialized), which lowers the transient memory of
   the one live layer for a small cost in speed; gradients are unchanged up to summation order.
@@ -513,6 +513,10 @@ class _Engine:
 
     def __init__(self, blocks, checkpoint_every=None, drift_tol=None, on_drift="warn", check_drift=True,
                  micro_batch=None, bit_exact=False):
+        if bit_exact and micro_batch:
+            raise ValueError("reversible: bit_exact=True cannot be combined with micro_batch: the rebuild of a slice "
+                             "of the batch does not reproduce the whole batch's bit for bit (batch-size dependent "
+                             "kernels), so the records would not apply")
         self.blocks = blocks
         self.micro_batch = micro_batch
         self.bit_exact = bool(bit_exact)

@@ -446,7 +446,7 @@ def _grad_diff(a, b):
     return (num / den).sqrt().item()
 
 
-@pytest.mark.parametrize("micro_batch,checkpoint_every", [(None, None), (2, None), (None, 5), (3, 4)])
+@pytest.mark.parametrize("micro_batch,checkpoint_every", [(None, None), (None, 5)])
 def test_bit_exact_glow_gradients_equal_ordinary_float32(micro_batch, checkpoint_every):
     """Deep perturbed float32 Glow: the default rebuild drifts (gradients differ), the bit-exact one does not."""
     torch.manual_seed(1)
@@ -495,6 +495,9 @@ def test_bit_exact_realnvp_maf_mixed(dtype):
 def test_bit_exact_option_checks():
     with pytest.raises(TypeError, match="bit_exact"):
         ReversibleSequential(AffineCoupling(4), bit_exact=1)
+    rs = ReversibleSequential(AffineCoupling(4), bit_exact=True, micro_batch=2)
+    with pytest.raises(ValueError, match="micro_batch"):
+        rs(torch.randn(3, 4, requires_grad=True))
     g = Glow((3, 4, 4), levels=1, steps=1, hidden=4, reversible=True)
     g.transform.bit_exact = "yes"
     with pytest.raises(TypeError, match="bit_exact"):
