@@ -242,17 +242,6 @@ def _decode(rebuilt, fix):
     return _from_keys(_keys(rebuilt) + d, rebuilt.dtype)
 
 
-def _slice_fix(fix, sl, n):
-    """The record of samples ``sl`` (a slice) of an ``n``-sample tensor."""
-    if fix is None:
-        return None
-    small, idx, vals = fix
-    per = small.numel() // max(n, 1)
-    lo, hi = sl.start * per, min(sl.stop, n) * per
-    keep = (idx >= lo) & (idx < hi)
-    return small[sl], idx[keep] - lo, vals[keep]
-
-
 class _ActNormInvConvBlock(_Block):
     """A GlowStep's ActNorm and 1x1 convolution as one block, through :meth:`GlowStep.norm_conv` and
     :meth:`GlowStep.norm_conv_inverse` (the fused op outside the reference backend, as the ordinary
@@ -599,15 +588,15 @@ def _rel_err(a, b) -> float:
 
 
 def _backprop_chunked(b, h, ex, gh, gex, gld, params, need_x, micro_batch, fix=None):
-    """``b.backprop`` over slices of ``micro_batch`` samples (layers act on each sample independently)."""
+    """``b.backprop`` over slices of ``micro_batch`` samples (layers act on each sample independently); ``fix``
+    (a bit-exact record) only without slices (the engine does not combine the two)."""
     n = h.shape[0]
     if not micro_batch or n <= micro_batch:
         return b.backprop(h, ex, gh, gex, gld, params, need_x, fix)
     xs, gxs, gps = [], [], [None] * len(params)
     for s in range(0, n, micro_batch):
         sl = slice(s, s + micro_batch)
-        x, gx, gp = b.backprop(h[sl], [e[sl] for e in ex], gh[sl], [g[sl] for g in gex], gld[sl], params, need_x,
-                               _slice_fix(fix, sl, n))
+        x, gx, gp = b.backprop(h[sl], [e[sl] for e in ex], gh[sl], [g[sl] for g in gex], gld[sl], params, need_x)
         xs.append(x)
         gxs.append(gx)
         gps = [g if a is None else (a if g is None else a + g) for a, g in zip(gps, gp)]
