@@ -215,6 +215,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="also train the same model with the plain-PyTorch reference ops on the same batches and noise")
     p.add_argument("--reversible", action="store_true", default=None,
                    help="build Glow with reversible=True (memory-lean backprop)")
+    p.add_argument("--bit-exact", dest="bit_exact", action="store_true",
+                   help="with --reversible: rebuild every layer's input bit for bit (bit_exact=True; gradients equal "
+                        "ordinary backprop's, memory of about one byte per value per layer)")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                    help="parameter and data dtype (default float32; float64 for exactness checks)")
     p.add_argument("--backend", default="auto", choices=_backend.BACKENDS,
@@ -337,6 +340,8 @@ def main(argv=None) -> int:
     cfg, err = _config(args, ckpt)
     if err:
         return _usage_error(err)
+    if args.bit_exact and not cfg["reversible"]:
+        return _usage_error("--bit-exact needs --reversible (it sets how the reversible backward rebuilds inputs)")
     if args.distributed:
         world_env = int(os.environ.get("WORLD_SIZE", "1"))
         if cfg["batch"] < world_env:
@@ -378,6 +383,8 @@ def _run(args, cfg, ckpt, temps, rank, world, device) -> int:
     torch.manual_seed(seed)
     dtype = DTYPES[cfg["dtype"]]
     model = build_model(cfg).to(device=device, dtype=dtype)
+    if args.bit_exact:  # a run-time option (not part of the checkpointed configuration)
+        model.transform.bit_exact = True
     backends = [args.backend] + (["reference"] if cfg["compare"] else [])
     names = [_backend_name(b, device) for b in backends]
     step = 0

@@ -245,6 +245,7 @@ BAD = [
     (["--steps", "ten"], "invalid int value"),
     (["--resume", "no/such/file.pt"], "no such file"),
     (["--distributed"], "torchrun"),
+    (["--bit-exact"], "--bit-exact needs --reversible"),
 ]
 
 
@@ -307,6 +308,10 @@ def test_reversible_flag(tmp_path, capsys):
         a = _load(plain / "checkpoint-step000008.pt")["history"]["fused"]
         assert ck["history"]["fused"] == pytest.approx(a, abs=1e-9)
         assert a[-1] < a[0] - 0.01  # the runs moved
+        # bit-exact rebuilds: the same run, its gradients ordinary backprop's
+        rc, exact = _run(tmp_path, "exact", *common, "--reversible", "--bit-exact")
+        assert rc == 0
+        assert _load(exact / "checkpoint-step000008.pt")["history"]["fused"] == pytest.approx(a, abs=1e-12)
     else:
         assert rc == 2
         assert "reversible" in capsys.readouterr().err
