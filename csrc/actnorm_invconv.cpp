@@ -330,39 +330,43 @@ std::array<at::Tensor, 3> lu_factors(const at::Tensor& lower, const at::Tensor& 
   return {L, U, d};
 }
 
+// The gradients of (lower, upper, log_s) for W's gradient: the loops when perm is a permutation matrix (rows
+// not empty), else the aten formula of W = P L U.
+std::array<at::Tensor, 3> lu_weight_grads(const at::Tensor& grad, const std::vector<int64_t>& rows,
+                                          const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
+                                          const at::Tensor& sign, const at::Tensor& log_s) {
+  if (!rows.empty()) return lu_weight_grads_loops(grad, rows, lower, upper, sign, log_s);
+  auto [L, U, d] = lu_factors(lower, upper, sign, log_s);
+  auto G = at::mm(perm.t(), grad);
+  auto LtG = at::mm(L.t(), G);
+  return {at::mm(G, U.t()).tril(-1), LtG.triu(1), LtG.diagonal() * d};
+}
+
 class LuWeightFn : public torch::autograd::Function<LuWeightFn> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& perm, const at::Tensor& lower,
                             const at::Tensor& upper, const at::Tensor& sign, const at::Tensor& log_s) {
     check_lu_args(perm, lower, upper, sign, log_s);
     auto rows = perm_rows(perm, lower, upper, sign, log_s);
+    ctx->save_for_backward({perm, lower, upper, sign, log_s});
+    at::Tensor W;
     if (!rows.empty()) {
-      ctx->save_for_backward({lower, upper, sign, log_s});
-      auto W = lu_weight_loops(rows, lower, upper, sign, log_s);
-      ctx->saved_data["rows"] = std::move(rows);
-      return W;
+      W = lu_weight_loops(rows, lower, upper, sign, log_s);
+    } else {
+      auto [L, U, d] = lu_factors(lower, upper, sign, log_s);
+      W = at::mm(at::mm(perm, L), U);
     }
-    auto [L, U, d] = lu_factors(lower, upper, sign, log_s);
-    ctx->save_for_backward({perm, L, U, d});
-    return at::mm(at::mm(perm, L), U);
+    ctx->saved_data["rows"] = std::move(rows);
+    return W;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     check_first_order("lu_weight");
-    auto s = ctx->get_saved_variables();
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    if (ctx->saved_data.count("rows")) {
-      const auto rows = ctx->saved_data["rows"].toIntVector();
-      auto g = lu_weight_grads_loops(grads[0], rows, s[0], s[1], s[2], s[3]);
-      return {at::Tensor(), g[0], g[1], at::Tensor(), g[2]};
-    }
-    const auto& perm = s[0];
-    const auto& L = s[1];
-    const auto& U = s[2];
-    const auto& d = s[3];
-    auto G = at::mm(perm.t(), grads[0]);
-    auto LtG = at::mm(L.t(), G);
-    return {at::Tensor(), at::mm(G, U.t()).tril(-1), LtG.triu(1), at::Tensor(), LtG.diagonal() * d};
+    auto s = ctx->get_saved_variables();
+    const auto rows = ctx->saved_data["rows"].toIntVector();
+    auto g = lu_weight_grads(grads[0], rows, s[0], s[1], s[2], s[3], s[4]);
+    return {at::Tensor(), g[0], g[1], at::Tensor(), g[2]};
   }
 };
 
@@ -388,15 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lu_weight_bwd_cpu(const at::Tenso
   check_lu_args(perm, lower, upper, sign, log_s);
   TORCH_CHECK_VALUE(grad.sizes() == lower.sizes() && grad.scalar_type() == lower.scalar_type(),
                     "lu_weight_bwd: grad must have lower's shape ", lower.sizes(), " and dtype, got ", grad.sizes());
-  const auto rows = perm_rows(perm, lower, upper, sign, log_s);
-  if (!rows.empty()) {
-    auto g = lu_weight_grads_loops(grad, rows, lower, upper, sign, log_s);
-    return {g[0], g[1], g[2]};
-  }
-  auto [L, U, d] = lu_factors(lower, upper, sign, log_s);
-  auto G = at::mm(perm.t(), grad);
-  auto LtG = at::mm(L.t(), G);
-  return {at::mm(G, U.t()).tril(-1), LtG.triu(1), LtG.diagonal() * d};
+  auto g = lu_weight_grads(grad, perm_rows(perm, lower, upper, sign, log_s), perm, lower, upper, sign, log_s);
+  return {g[0], g[1], g[2]};
 }
 
 // A GlowStep's ActNorm + 1x1 convolution walked backwards in one call (the reversible engine's direct path):

@@ -81,6 +81,15 @@ def has_triton() -> bool:
     return _triton
 
 
+def cpp_eager(x) -> bool:
+    """True when the C++ kernels run for ``x`` as they are: a CPU float32/float64 tensor, the C++ backend selected,
+    eager mode (not traced by torch.compile)."""
+    import torch
+
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not torch.compiler.is_compiling() and select(x.device) == "cpp")
+
+
 def select(device) -> str:
     """The backend an op runs on for a tensor on ``device``."""
     forced = _forced

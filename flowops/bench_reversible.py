@@ -122,7 +122,7 @@ def child(cfg) -> dict:
     # that the one-time set-up of those shapes (the fused ops' JIT-compiled GEMM kernels and per-thread scratch
     # buffers, the library's convolution set-up; the same for both modes and every depth) is in the baseline
     # too; "cold" warms up on a tiny model only; "none" does not warm up.
-    baseline = cfg.get("baseline") or ("cold" if cfg.get("cold") else "warm")
+    baseline = cfg.get("baseline", "warm")
     if baseline != "none":
         warm_cfg = dict(cfg, levels=1, hidden=4, image=4, batch=2) if baseline == "cold" else cfg
         warm, wx = build(warm_cfg, 1, cfg["mode"] == "reversible")

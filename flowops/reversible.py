@@ -164,25 +164,16 @@ def _grad(outs, gouts, x_leaf, params):
     return None, list(grads)
 
 
-_HAS_OPS: dict = {}
-
-
 def _has_ops(*names) -> bool:
-    """True when the C++ extension defines all of ``torch.ops.flowops.<names>`` (checked once per set)."""
-    v = _HAS_OPS.get(names)
-    if v is None:
-        from . import _backend
-        from .ops import _library
-        v = _HAS_OPS[names] = _backend.has_cpp() and all(_library.defined(n) for n in names)
-    return v
+    from .ops._library import has_cpp_ops
+    return has_cpp_ops(*names)
 
 
 def _direct(x) -> bool:
-    """True when a block's local backward may call the C++ kernels directly, without autograd: CPU, float32 or
-    float64, the C++ backend, eager mode (the same conditions under which the ordinary forward runs them)."""
+    """True when a block's local backward may call the C++ kernels directly, without autograd (the conditions
+    under which the ordinary forward runs them)."""
     from . import _backend
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and not torch.compiler.is_compiling() and _backend.select(x.device) == "cpp")
+    return _backend.cpp_eager(x)
 
 
 def _zeros_ld(gld, x):

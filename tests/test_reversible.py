@@ -391,17 +391,11 @@ def test_direct_kernel_walk_matches_generic_walk_other_conditioner(monkeypatch, 
 
 # ------------------------------------------------------------------------------------------ bit-exact rebuilds
 
-def _every_rebuild_exact(model, x, monkeypatch=None):
+def _every_rebuild_exact(model, x):
     """Run the engine's forward with records and check every block's backprop rebuilds its input bit for bit."""
     import flowops.reversible as rev_mod
 
-    t = model.transform
-    named = []
-    for lvl, flow in enumerate(t.flows):
-        named += [("squeeze", t.squeeze), (f"flows.{lvl}", flow)]
-        if lvl < len(t.splits):
-            named.append((f"splits.{lvl}", t.splits[lvl]))
-    blocks = rev_mod.reversible_blocks(named)
+    blocks = rev_mod.reversible_blocks(model.transform.named_layers())
     for b in blocks:
         b.params()
     ins, outs, fixes = [], [], []

@@ -111,15 +111,19 @@ class GlowTransform(Transform):
         parts.append(h)
         return torch.cat([p.flatten(1) for p in parts], dim=1), total
 
-    def _reversible_forward(self, x):
-        from ..reversible import _check_bit_exact, _Engine, reversible_blocks
-
+    def named_layers(self):
+        """``(name, layer)`` in data -> latent order: per level the squeeze, the steps, the split."""
         named = []
         for lvl, flow in enumerate(self.flows):
             named += [("squeeze", self.squeeze), (f"flows.{lvl}", flow)]
             if lvl < len(self.splits):
                 named.append((f"splits.{lvl}", self.splits[lvl]))
-        engine = _Engine(reversible_blocks(named), self.checkpoint_every, self.drift_tol, self.on_drift,
+        return named
+
+    def _reversible_forward(self, x):
+        from ..reversible import _check_bit_exact, _Engine, reversible_blocks
+
+        engine = _Engine(reversible_blocks(self.named_layers()), self.checkpoint_every, self.drift_tol, self.on_drift,
                          micro_batch=self.micro_batch, bit_exact=_check_bit_exact(self.bit_exact))
         h, total, parts = engine.run(x)
         return torch.cat([p.flatten(1) for p in (*parts, h)], dim=1), x.new_zeros(x.shape[0]) + total

@@ -159,6 +159,18 @@ def defined(name: str) -> bool:
         return False
 
 
+_CPP_OPS: dict = {}
+
+
+def has_cpp_ops(*names: str) -> bool:
+    """True when the compiled extension loads and defines every ``torch.ops.flowops.<name>`` (checked once per
+    set of names)."""
+    v = _CPP_OPS.get(names)
+    if v is None:
+        v = _CPP_OPS[names] = _backend.has_cpp() and all(defined(n) for n in names)
+    return v
+
+
 def register_fused(prefix: str, schemas: dict, libs: list, *, cpu_fwd, cpu_bwd, cuda_fwd, cuda_bwd, fake_fwd,
                    fake_bwd, backward, setup_context, fused_fake=None) -> bool:
     """Wire up one fused op family the way every op after the first is registered.

@@ -18,22 +18,16 @@ import torch
 from torch import nn
 
 from .. import _backend
+from . import _library
 from ..reference.conv_net import conv_net as conv_net_reference
 
-_has_op: bool | None = None
-
-
 def _cpp_op() -> bool:
-    global _has_op
-    if _has_op is None:
-        _has_op = _backend.has_cpp() and hasattr(torch.ops.flowops, "conv_net")
-    return _has_op
+    return _library.has_cpp_ops("conv_net")
 
 
 def fast_path(x: torch.Tensor) -> bool:
     """True when ``conv_net`` on ``x`` runs the registered C++ op (which checks its arguments itself)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
-            and not torch.compiler.is_compiling() and _backend.select(x.device) == "cpp" and _cpp_op())
+    return x.dim() == 4 and _backend.cpp_eager(x) and _cpp_op()
 
 
 def conv_net(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
