@@ -21,7 +21,12 @@ default 8 16 32 64). Reported:
   ``--repeats`` steps each, as a ratio measured in the same run.
 * gradient equality: the largest ``max|g_rev - g_ord| / max|g_ord|`` over the parameter tensors, in
   float32 and float64, on the same weights (perturbed from the near-identity initialization so that
-  every parameter gets a gradient).
+  every parameter gets a gradient); in float32 also the precision floor (both modes against float64), the
+  gradients' sensitivity to a one-ulp change of the input, and the reversible mode with
+  ``checkpoints=32`` and with ``bit_exact=True``.
+
+``--checkpoints C`` and ``--bit-exact`` set those options of the reversible mode for the memory table, the
+step time and the main gradient lines.
 
 A PNG plot of memory against depth is written (``--plot``), and a JSON record on request (``--json``).
 """
@@ -44,6 +49,7 @@ TARGETS = {"memory_ratio_min": 5.0, "step_time_ratio_max": 1.35, "grad_rel_fp32"
            "flatness_max": 1.2}
 MODES = ("ordinary", "reversible")
 BASELINES = ("warm", "cold", "none")
+REPORT_CHECKPOINTS = 32  # the stored-input budget of the gradient report's extra line
 BASELINE_TEXT = {"warm": "a warm-up step of the same shapes (K = 1)", "cold": "a tiny warm-up model (--baseline cold)",
                  "none": "building the model, no warm-up (--baseline none)"}
 
@@ -95,6 +101,7 @@ def build(cfg, steps: int, reversible: bool, dtype=torch.float32):
     model = Glow((c, s, s), levels=cfg["levels"], steps=steps, hidden=cfg["hidden"], reversible=reversible)
     model.transform.micro_batch = cfg.get("micro_batch")
     model.transform.bit_exact = bool(cfg.get("bit_exact"))
+    model.transform.checkpoints = cfg.get("checkpoints")
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)
     with torch.no_grad():  # leave the near-identity start, so every parameter gets a gradient
         for p in model.parameters():
@@ -195,12 +202,14 @@ def grad_rel_error(cfg, steps: int, dtype) -> dict:
                            -1.0, 1.0).to(dtype)
         train_step(nudged, x * (1 + eps * flip))
         out["ordinary_1ulp_worst"], out["ordinary_1ulp_global"] = worst(nudged, model)[0], global_rel(nudged, model)
-        # the same with a stored input every 8 steps (checkpoint_every=8): reconstruction restarts from exact
-        # values, so rounding cannot build up through the whole stack
+        # the same with the inputs of REPORT_CHECKPOINTS evenly spaced layers stored (memory independent of
+        # depth): reconstruction restarts from exact values, so rounding cannot build up through the whole stack
         ck = copy.deepcopy(model)
-        ck.transform.reversible, ck.transform.checkpoint_every, ck.transform.bit_exact = True, 8, False
+        ck.transform.reversible, ck.transform.bit_exact = True, False
+        ck.transform.checkpoint_every, ck.transform.checkpoints = None, REPORT_CHECKPOINTS
         train_step(ck, x)
-        out["checkpoint8_global"], out["checkpoint8_vs_fp64_global"] = global_rel(ck, model), global_rel(ck, ref)
+        out["checkpoints"] = REPORT_CHECKPOINTS
+        out["checkpoints_global"], out["checkpoints_vs_fp64_global"] = global_rel(ck, model), global_rel(ck, ref)
     # bit-exact rebuilds (the rounding differences kept): gradients should equal ordinary backprop's
     ex = copy.deepcopy(model)
     ex.transform.reversible, ex.transform.bit_exact = True, True
@@ -288,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=None,
                    help="micro_batch of the reversible mode (backward recomputation in slices of this many samples)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory table (time and gradients only)")
+    p.add_argument("--checkpoints", type=int, default=None,
+                   help="the reversible mode stores the inputs of this many evenly spaced layers (checkpoints=C) in "
+                        "the memory table, the step time and the main gradient lines")
     p.add_argument("--bit-exact", action="store_true",
                    help="the reversible mode keeps its rounding differences (bit_exact=True) in the memory table and "
                         "the step time")
@@ -313,8 +325,12 @@ def main(argv=None) -> int:
     if args.quick:
         args.depths, args.levels, args.hidden, args.image, args.batch = [2, 4], 2, 8, 8, 2
         args.time_steps, args.repeats = 2, 1
-    if args.micro_batch is not None and args.micro_batch < 1:
-        print("flowops bench --op reversible: --micro-batch must be positive", file=sys.stderr)
+    for name in ("micro_batch", "checkpoints"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            print(f"flowops bench --op reversible: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
+    if args.bit_exact and args.micro_batch:
+        print("flowops bench --op reversible: --bit-exact cannot be combined with --micro-batch", file=sys.stderr)
         return 2
     for name in ("levels", "hidden", "image", "channels", "batch", "time_steps", "repeats"):
         if getattr(args, name) < 1:
@@ -337,10 +353,12 @@ def _run(args, argv) -> int:
 
     cfg = {"levels": args.levels, "hidden": args.hidden, "image": args.image, "channels": args.channels,
            "batch": args.batch, "seed": args.seed, "threads": args.threads, "micro_batch": args.micro_batch,
-           "baseline": args.baseline or ("cold" if args.cold else "warm"), "bit_exact": args.bit_exact}
+           "baseline": args.baseline or ("cold" if args.cold else "warm"), "bit_exact": args.bit_exact,
+           "checkpoints": args.checkpoints}
     desc = (f"Glow L={args.levels}, hidden {args.hidden}, {args.image}x{args.image}x{args.channels}, "
             f"batch {args.batch}, float32" + (f", reversible micro_batch {args.micro_batch}" if args.micro_batch
-                                               else "") + (", reversible bit_exact" if args.bit_exact else ""))
+                                               else "") + (", reversible bit_exact" if args.bit_exact else "")
+            + (f", reversible checkpoints {args.checkpoints}" if args.checkpoints else ""))
     print(f"flowops bench --op reversible: {desc}; "
           f"{'in this process' if args.in_process else 'one fresh process per (mode, K)'}; memory baseline after "
           f"{BASELINE_TEXT[cfg['baseline']]}")
@@ -370,8 +388,8 @@ def _run(args, argv) -> int:
             print(f"  sensitivity: ordinary {g['dtype']} with every input value moved by about one ulp differs from "
                   f"itself by {g['ordinary_1ulp_global']:.2e} (all parameters together), "
                   f"{g['ordinary_1ulp_worst']:.2e} (worst tensor)")
-            print(f"  with checkpoint_every=8: all parameters together {g['checkpoint8_global']:.2e} from ordinary "
-                  f"{g['dtype']}, {g['checkpoint8_vs_fp64_global']:.2e} from float64")
+            print(f"  with checkpoints={g['checkpoints']}: all parameters together {g['checkpoints_global']:.2e} from "
+                  f"ordinary {g['dtype']}, {g['checkpoints_vs_fp64_global']:.2e} from float64")
         print(f"  with bit_exact=True: worst tensor {g['bit_exact_worst']:.2e}, all parameters together "
               f"{g['bit_exact_global']:.2e} from ordinary {g['dtype']}")
     rev = [r["saved_peak"] for r in rows if r["mode"] == "reversible"]

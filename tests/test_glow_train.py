@@ -246,6 +246,8 @@ BAD = [
     (["--resume", "no/such/file.pt"], "no such file"),
     (["--distributed"], "torchrun"),
     (["--bit-exact"], "--bit-exact needs --reversible"),
+    (["--stored-inputs", "4"], "--stored-inputs needs --reversible"),
+    (["--reversible", "--stored-inputs", "0"], "--stored-inputs must be positive"),
 ]
 
 
@@ -312,6 +314,10 @@ def test_reversible_flag(tmp_path, capsys):
         rc, exact = _run(tmp_path, "exact", *common, "--reversible", "--bit-exact")
         assert rc == 0
         assert _load(exact / "checkpoint-step000008.pt")["history"]["fused"] == pytest.approx(a, abs=1e-12)
+        # a stored-input budget: the same run too
+        rc, budget = _run(tmp_path, "budget", *common, "--reversible", "--stored-inputs", "3")
+        assert rc == 0
+        assert _load(budget / "checkpoint-step000008.pt")["history"]["fused"] == pytest.approx(a, abs=1e-9)
     else:
         assert rc == 2
         assert "reversible" in capsys.readouterr().err

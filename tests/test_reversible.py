@@ -121,6 +121,61 @@ def test_glow_reversible_constructor_and_checkpoints():
     assert z.grad_fn is None and x.shape == (2, 3, 8, 8)
 
 
+def test_checkpoints_budget_positions_and_options():
+    d = 4
+    for n, c in ((10, 3), (10, 10), (4, 9), (64, 16), (7, 1)):
+        rs = ReversibleSequential(*[AffineCoupling(d, flip=i % 2 == 1) for i in range(n)], checkpoints=c)
+        idx = sorted(rs.engine().checkpoint_indices())
+        assert idx[0] == 0 and len(idx) == min(c, n), (n, c, idx)
+        gaps = [b - a for a, b in zip(idx + [n], (idx + [n])[1:])]
+        assert max(gaps) - min(gaps) <= 1, (n, c, idx)  # evenly spaced
+    assert "checkpoints=3" in repr(ReversibleSequential(AffineCoupling(d), checkpoints=3))
+    with pytest.raises(TypeError, match="checkpoints must be an int"):
+        ReversibleSequential(AffineCoupling(d), checkpoints=2.0)
+    with pytest.raises(ValueError, match="checkpoints must be at least 1"):
+        ReversibleSequential(AffineCoupling(d), checkpoints=0)
+    with pytest.raises(ValueError, match="not both"):
+        ReversibleSequential(AffineCoupling(d), checkpoints=2, checkpoint_every=2)
+    with pytest.raises(ValueError, match="not both"):
+        Glow((3, 8, 8), levels=1, steps=1, hidden=4, checkpoint_every=2, checkpoints=2)
+    g = Glow((3, 8, 8), levels=1, steps=1, hidden=4, reversible=True)
+    g.transform.checkpoints, g.transform.checkpoint_every = 2, 2  # set later: checked when the engine is built
+    with pytest.raises(ValueError, match="not both"):
+        g.log_prob(torch.rand(2, 3, 8, 8)).sum().backward()
+
+
+def test_checkpoints_budget_memory_independent_of_depth():
+    torch.manual_seed(0)
+
+    def peak(depth, **kw):
+        stack = ReversibleSequential(*[AffineCoupling(16, hidden=8, flip=i % 2 == 1) for i in range(depth)], **kw)
+        x = torch.randn(256, 16)
+        with SavedTensorMeter(exclude=list(stack.parameters())) as meter:
+            z, ld = stack(x)
+            (z.square().sum() + ld.sum()).backward()
+        return meter.peak
+
+    one_input = 256 * 16 * 4
+    budget = {k: peak(k, checkpoints=4) for k in (8, 32)}
+    every = {k: peak(k, checkpoint_every=4) for k in (8, 32)}
+    assert budget[32] == budget[8], budget
+    assert every[32] >= every[8] + 5 * one_input, every  # 8 vs 2 stored inputs
+
+
+def test_checkpoints_budget_glow_float32_accuracy():
+    """A stored input every ~17 of the 67 layers keeps float32 rounding from building up through the stack
+    (without them this configuration's gradients are ~2e-4 off ordinary backprop's); float64 equality too."""
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        ordinary = Glow((3, 8, 8), levels=2, steps=16, hidden=16).to(dtype)
+        x = (torch.rand(8, 3, 8, 8) - 0.5).to(dtype)
+        ordinary.log_prob(x)  # ActNorm initialization
+        _perturb(ordinary, 0.05)
+        rev = copy.deepcopy(ordinary)
+        rev.transform.reversible, rev.transform.checkpoints = True, 4
+        _compare(ordinary, rev, x, dtype)
+
+
 def test_mixed_stack_shared_frozen_and_hooks():
     torch.manual_seed(0)
     d = 6
@@ -297,6 +352,15 @@ def test_bench_reversible_quick(tmp_path):
                            "--bit-exact", "--no-memory", "--json", str(js2)]) == 0
     exact = json.loads(js2.read_text())
     assert exact["config"]["bit_exact"] and all(g["bit_exact_global"] <= 1e-6 for g in exact["gradients"])
+    js3 = tmp_path / "budget.json"
+    assert benchmark.main(["--op", "reversible", "--quick", "--in-process", "--threads", "1", "--plot", "",
+                           "--checkpoints", "3", "--json", str(js3)]) == 0
+    budget = json.loads(js3.read_text())
+    assert budget["config"]["checkpoints"] == 3
+    fp32 = next(g for g in budget["gradients"] if g["dtype"] == "float32")
+    assert fp32["checkpoints"] == bench_reversible.REPORT_CHECKPOINTS and fp32["checkpoints_global"] <= 1e-4
+    assert benchmark.main(["--op", "reversible", "--checkpoints", "0"]) == 2
+    assert benchmark.main(["--op", "reversible", "--bit-exact", "--micro-batch", "2"]) == 2
 
 
 @pytest.mark.parametrize("baseline", ["warm", "cold", "none"])

@@ -24,7 +24,8 @@ class GlowTransform(Transform):
     ``reversible=True`` trains by reversible recomputation (:mod:`flowops.reversible`): the forward keeps
     only the latents and the log-det, the backward rebuilds each layer's input from its output; the
     split latents are outputs of the reversible node. ``checkpoint_every=k`` also stores the input of
-    every k-th layer (squeezes, ActNorms, 1x1 convs, couplings and splits counted one by one); the
+    every k-th layer (squeezes, ActNorm + 1x1 conv pairs, couplings and splits counted one by one),
+    ``checkpoints=c`` the inputs of ``c`` evenly spaced layers whatever the depth; the
     attributes ``drift_tol`` and ``on_drift`` set the drift check, ``micro_batch`` the backward's slices,
     ``bit_exact`` the exact rebuilds (see :class:`flowops.ReversibleSequential`).
     Values, gradients and the state_dict layout are those of the ordinary model; the attribute
@@ -32,12 +33,13 @@ class GlowTransform(Transform):
     """
 
     def __init__(self, in_shape, levels: int = 3, steps: int = 8, hidden: int = 512, coupling: str = "affine",
-                 reversible: bool = False, checkpoint_every: int | None = None):
+                 reversible: bool = False, checkpoint_every: int | None = None, checkpoints: int | None = None):
         super().__init__()
-        from ..reversible import _check_options
+        from ..reversible import _check_checkpoints, _check_options
 
         self.reversible = bool(reversible)
         self.checkpoint_every = _check_options(checkpoint_every, None, "warn")
+        self.checkpoints = _check_checkpoints(checkpoints, checkpoint_every)
         self.drift_tol, self.on_drift, self.micro_batch, self.bit_exact = None, "warn", None, False
         if not isinstance(in_shape, (tuple, list, torch.Size)) or len(in_shape) != 3:
             raise ValueError(f"Glow: in_shape must be (C, H, W), got {in_shape!r}")
@@ -121,10 +123,11 @@ class GlowTransform(Transform):
         return named
 
     def _reversible_forward(self, x):
-        from ..reversible import _check_bit_exact, _Engine, reversible_blocks
+        from ..reversible import _check_bit_exact, _check_checkpoints, _Engine, reversible_blocks
 
         engine = _Engine(reversible_blocks(self.named_layers()), self.checkpoint_every, self.drift_tol, self.on_drift,
-                         micro_batch=self.micro_batch, bit_exact=_check_bit_exact(self.bit_exact))
+                         micro_batch=self.micro_batch, bit_exact=_check_bit_exact(self.bit_exact),
+                         checkpoints=_check_checkpoints(self.checkpoints, self.checkpoint_every))
         h, total, parts = engine.run(x)
         return torch.cat([p.flatten(1) for p in (*parts, h)], dim=1), x.new_zeros(x.shape[0]) + total
 
@@ -156,13 +159,14 @@ class Glow(Flow):
     mode: call ``log_prob`` on a real data batch before sampling. For discrete pixels use
     :mod:`flowops.nn.preprocess` (dequantization, logit transform, bits/dim).
 
-    ``reversible=True`` (and ``checkpoint_every``) train with memory that does not grow with ``steps``:
-    see :class:`GlowTransform` and :mod:`flowops.reversible`.
+    ``reversible=True`` trains with memory that does not grow with ``steps`` (``checkpoints=c`` keeps that,
+    ``checkpoint_every=k`` adds depth / k stored inputs): see :class:`GlowTransform` and :mod:`flowops.reversible`.
     """
 
     def __init__(self, in_shape, levels: int = 3, steps: int = 8, hidden: int = 512, coupling: str = "affine",
-                 reversible: bool = False, checkpoint_every: int | None = None):
-        transform = GlowTransform(in_shape, levels, steps, hidden, coupling, reversible, checkpoint_every)
+                 reversible: bool = False, checkpoint_every: int | None = None, checkpoints: int | None = None):
+        transform = GlowTransform(in_shape, levels, steps, hidden, coupling, reversible, checkpoint_every,
+                                  checkpoints)
         super().__init__(StandardNormal(transform.dim), transform)
         self.in_shape = transform.in_shape
         self.levels, self.steps, self.hidden, self.coupling = levels, steps, hidden, coupling
