@@ -22,11 +22,12 @@ default 8 16 32 64). Reported:
 * gradient equality: the largest ``max|g_rev - g_ord| / max|g_ord|`` over the parameter tensors, in
   float32 and float64, on the same weights (perturbed from the near-identity initialization so that
   every parameter gets a gradient); in float32 also the precision floor (both modes against float64), the
-  gradients' sensitivity to a one-ulp change of the input, and the reversible mode with
-  ``checkpoints=32`` and with ``bit_exact=True``.
+  gradients' sensitivity to a one-ulp change of the input, and the reversible mode without stored inputs
+  (``checkpoints=None``) and with ``bit_exact=True``.
 
-``--checkpoints C`` and ``--bit-exact`` set those options of the reversible mode for the memory table, the
-step time and the main gradient lines.
+The reversible mode is ``Glow(..., reversible=True)`` with its defaults (32 stored inputs, ``checkpoints=32``);
+``--checkpoints C`` (0: none) and ``--bit-exact`` set those options for the memory table, the step time and
+the main gradient lines.
 
 A PNG plot of memory against depth is written (``--plot``), and a JSON record on request (``--json``).
 """
@@ -49,7 +50,6 @@ TARGETS = {"memory_ratio_min": 5.0, "step_time_ratio_max": 1.35, "grad_rel_fp32"
            "flatness_max": 1.2}
 MODES = ("ordinary", "reversible")
 BASELINES = ("warm", "cold", "none")
-REPORT_CHECKPOINTS = 32  # the stored-input budget of the gradient report's extra line
 BASELINE_TEXT = {"warm": "a warm-up step of the same shapes (K = 1)", "cold": "a tiny warm-up model (--baseline cold)",
                  "none": "building the model, no warm-up (--baseline none)"}
 
@@ -101,7 +101,8 @@ def build(cfg, steps: int, reversible: bool, dtype=torch.float32):
     model = Glow((c, s, s), levels=cfg["levels"], steps=steps, hidden=cfg["hidden"], reversible=reversible)
     model.transform.micro_batch = cfg.get("micro_batch")
     model.transform.bit_exact = bool(cfg.get("bit_exact"))
-    model.transform.checkpoints = cfg.get("checkpoints")
+    if cfg.get("checkpoints") is not None:  # else the model's default; 0: none
+        model.transform.checkpoints = cfg["checkpoints"] or None
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)
     with torch.no_grad():  # leave the near-identity start, so every parameter gets a gradient
         for p in model.parameters():
@@ -202,14 +203,13 @@ def grad_rel_error(cfg, steps: int, dtype) -> dict:
                            -1.0, 1.0).to(dtype)
         train_step(nudged, x * (1 + eps * flip))
         out["ordinary_1ulp_worst"], out["ordinary_1ulp_global"] = worst(nudged, model)[0], global_rel(nudged, model)
-        # the same with the inputs of REPORT_CHECKPOINTS evenly spaced layers stored (memory independent of
-        # depth): reconstruction restarts from exact values, so rounding cannot build up through the whole stack
-        ck = copy.deepcopy(model)
-        ck.transform.reversible, ck.transform.bit_exact = True, False
-        ck.transform.checkpoint_every, ck.transform.checkpoints = None, REPORT_CHECKPOINTS
-        train_step(ck, x)
-        out["checkpoints"] = REPORT_CHECKPOINTS
-        out["checkpoints_global"], out["checkpoints_vs_fp64_global"] = global_rel(ck, model), global_rel(ck, ref)
+        # the same without stored inputs but the bottom one: rounding builds up through the whole stack
+        pure = copy.deepcopy(model)
+        pure.transform.reversible, pure.transform.bit_exact = True, False
+        pure.transform.checkpoint_every, pure.transform.checkpoints = None, None
+        train_step(pure, x)
+        out["no_checkpoints_global"] = global_rel(pure, model)
+        out["no_checkpoints_vs_fp64_global"] = global_rel(pure, ref)
     # bit-exact rebuilds (the rounding differences kept): gradients should equal ordinary backprop's
     ex = copy.deepcopy(model)
     ex.transform.reversible, ex.transform.bit_exact = True, True
@@ -298,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="micro_batch of the reversible mode (backward recomputation in slices of this many samples)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory table (time and gradients only)")
     p.add_argument("--checkpoints", type=int, default=None,
-                   help="the reversible mode stores the inputs of this many evenly spaced layers (checkpoints=C) in "
-                        "the memory table, the step time and the main gradient lines")
+                   help="stored inputs of the reversible mode (checkpoints=C; 0: none, only the bottom one; default: "
+                        "Glow's default, 32) for the memory table, the step time and the main gradient lines")
     p.add_argument("--bit-exact", action="store_true",
                    help="the reversible mode keeps its rounding differences (bit_exact=True) in the memory table and "
                         "the step time")
@@ -325,10 +325,12 @@ def main(argv=None) -> int:
     if args.quick:
         args.depths, args.levels, args.hidden, args.image, args.batch = [2, 4], 2, 8, 8, 2
         args.time_steps, args.repeats = 2, 1
-    for name in ("micro_batch", "checkpoints"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            print(f"flowops bench --op reversible: --{name.replace('_', '-')} must be positive", file=sys.stderr)
-            return 2
+    if args.micro_batch is not None and args.micro_batch < 1:
+        print("flowops bench --op reversible: --micro-batch must be positive", file=sys.stderr)
+        return 2
+    if args.checkpoints is not None and args.checkpoints < 0:
+        print("flowops bench --op reversible: --checkpoints must be non-negative (0: none)", file=sys.stderr)
+        return 2
     if args.bit_exact and args.micro_batch:
         print("flowops bench --op reversible: --bit-exact cannot be combined with --micro-batch", file=sys.stderr)
         return 2
@@ -358,7 +360,7 @@ def _run(args, argv) -> int:
     desc = (f"Glow L={args.levels}, hidden {args.hidden}, {args.image}x{args.image}x{args.channels}, "
             f"batch {args.batch}, float32" + (f", reversible micro_batch {args.micro_batch}" if args.micro_batch
                                                else "") + (", reversible bit_exact" if args.bit_exact else "")
-            + (f", reversible checkpoints {args.checkpoints}" if args.checkpoints else ""))
+            + (f", reversible checkpoints {args.checkpoints or None}" if args.checkpoints is not None else ""))
     print(f"flowops bench --op reversible: {desc}; "
           f"{'in this process' if args.in_process else 'one fresh process per (mode, K)'}; memory baseline after "
           f"{BASELINE_TEXT[cfg['baseline']]}")
@@ -388,8 +390,9 @@ def _run(args, argv) -> int:
             print(f"  sensitivity: ordinary {g['dtype']} with every input value moved by about one ulp differs from "
                   f"itself by {g['ordinary_1ulp_global']:.2e} (all parameters together), "
                   f"{g['ordinary_1ulp_worst']:.2e} (worst tensor)")
-            print(f"  with checkpoints={g['checkpoints']}: all parameters together {g['checkpoints_global']:.2e} from "
-                  f"ordinary {g['dtype']}, {g['checkpoints_vs_fp64_global']:.2e} from float64")
+            print(f"  without stored inputs (checkpoints=None): all parameters together "
+                  f"{g['no_checkpoints_global']:.2e} from ordinary {g['dtype']}, "
+                  f"{g['no_checkpoints_vs_fp64_global']:.2e} from float64")
         print(f"  with bit_exact=True: worst tensor {g['bit_exact_worst']:.2e}, all parameters together "
               f"{g['bit_exact_global']:.2e} from ordinary {g['dtype']}")
     rev = [r["saved_peak"] for r in rows if r["mode"] == "reversible"]

@@ -219,8 +219,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --reversible: rebuild every layer's input bit for bit (bit_exact=True; gradients equal "
                         "ordinary backprop's, memory of about one byte per value per layer)")
     p.add_argument("--stored-inputs", dest="stored_inputs", type=int, default=None, metavar="C",
-                   help="with --reversible: keep the inputs of C evenly spaced layers (checkpoints=C; memory "
-                        "independent of depth, rebuilds restart from them)")
+                   help="with --reversible: keep the inputs of C evenly spaced layers (checkpoints=C, default 32; "
+                        "0: none; memory independent of depth, rebuilds restart from them)")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                    help="parameter and data dtype (default float32; float64 for exactness checks)")
     p.add_argument("--backend", default="auto", choices=_backend.BACKENDS,
@@ -347,8 +347,8 @@ def main(argv=None) -> int:
         return _usage_error("--bit-exact needs --reversible (it sets how the reversible backward rebuilds inputs)")
     if args.stored_inputs is not None and not cfg["reversible"]:
         return _usage_error("--stored-inputs needs --reversible (it sets where the reversible backward restarts)")
-    if args.stored_inputs is not None and args.stored_inputs < 1:
-        return _usage_error(f"--stored-inputs must be positive, got {args.stored_inputs}")
+    if args.stored_inputs is not None and args.stored_inputs < 0:
+        return _usage_error(f"--stored-inputs must be non-negative (0: none), got {args.stored_inputs}")
     if args.distributed:
         world_env = int(os.environ.get("WORLD_SIZE", "1"))
         if cfg["batch"] < world_env:
@@ -393,7 +393,7 @@ def _run(args, cfg, ckpt, temps, rank, world, device) -> int:
     if args.bit_exact:  # run-time options (not part of the checkpointed configuration)
         model.transform.bit_exact = True
     if args.stored_inputs is not None:
-        model.transform.checkpoints = args.stored_inputs
+        model.transform.checkpoints = args.stored_inputs or None
     backends = [args.backend] + (["reference"] if cfg["compare"] else [])
     names = [_backend_name(b, device) for b in backends]
     step = 0

@@ -105,6 +105,7 @@ def _glow_pair(reversible=False):
             p.add_(0.02 * torch.randn_like(p))
     twin = copy.deepcopy(model)
     twin.transform.reversible = reversible
+    twin.transform.checkpoints = None  # a small model: the default would store every layer's input
     return model, twin, x
 
 

@@ -247,7 +247,7 @@ BAD = [
     (["--distributed"], "torchrun"),
     (["--bit-exact"], "--bit-exact needs --reversible"),
     (["--stored-inputs", "4"], "--stored-inputs needs --reversible"),
-    (["--reversible", "--stored-inputs", "0"], "--stored-inputs must be positive"),
+    (["--reversible", "--stored-inputs", "-1"], "--stored-inputs must be non-negative"),
 ]
 
 
@@ -314,10 +314,11 @@ def test_reversible_flag(tmp_path, capsys):
         rc, exact = _run(tmp_path, "exact", *common, "--reversible", "--bit-exact")
         assert rc == 0
         assert _load(exact / "checkpoint-step000008.pt")["history"]["fused"] == pytest.approx(a, abs=1e-12)
-        # a stored-input budget: the same run too
-        rc, budget = _run(tmp_path, "budget", *common, "--reversible", "--stored-inputs", "3")
-        assert rc == 0
-        assert _load(budget / "checkpoint-step000008.pt")["history"]["fused"] == pytest.approx(a, abs=1e-9)
+        # other stored-input budgets (the default stores every layer's input of this small model): the same run
+        for c in ("3", "0"):
+            rc, budget = _run(tmp_path, "budget" + c, *common, "--reversible", "--stored-inputs", c)
+            assert rc == 0
+            assert _load(budget / "checkpoint-step000008.pt")["history"]["fused"] == pytest.approx(a, abs=1e-9)
     else:
         assert rc == 2
         assert "reversible" in capsys.readouterr().err

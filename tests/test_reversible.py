@@ -83,11 +83,14 @@ def test_maf_gradients_equal(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("coupling", ["affine", "additive"])
-def test_glow_gradients_equal(dtype, coupling):
+@pytest.mark.parametrize("checkpoints", ["default", None])
+def test_glow_gradients_equal(dtype, coupling, checkpoints):
     torch.manual_seed(3)
     ordinary = Glow((3, 8, 8), levels=2, steps=2, hidden=8, coupling=coupling).to(dtype)
     rev = copy.deepcopy(ordinary)
     rev.transform.reversible = True
+    if checkpoints != "default":  # the default stores every input of this small model; None rebuilds them all
+        rev.transform.checkpoints = checkpoints
     # Fresh ActNorms: the data-dependent initialization happens inside the reversible forward.
     x = torch.rand(5, 3, 8, 8, dtype=dtype)
     _compare(ordinary, rev, x, dtype)
@@ -134,13 +137,12 @@ def test_checkpoints_budget_positions_and_options():
         ReversibleSequential(AffineCoupling(d), checkpoints=2.0)
     with pytest.raises(ValueError, match="checkpoints must be at least 1"):
         ReversibleSequential(AffineCoupling(d), checkpoints=0)
-    with pytest.raises(ValueError, match="not both"):
-        ReversibleSequential(AffineCoupling(d), checkpoints=2, checkpoint_every=2)
-    with pytest.raises(ValueError, match="not both"):
-        Glow((3, 8, 8), levels=1, steps=1, hidden=4, checkpoint_every=2, checkpoints=2)
+    both = ReversibleSequential(*[AffineCoupling(d) for _ in range(10)], checkpoints=2, checkpoint_every=4)
+    assert both.engine().checkpoint_indices() == {0, 4, 5, 8}  # the union
     g = Glow((3, 8, 8), levels=1, steps=1, hidden=4, reversible=True)
-    g.transform.checkpoints, g.transform.checkpoint_every = 2, 2  # set later: checked when the engine is built
-    with pytest.raises(ValueError, match="not both"):
+    assert g.transform.checkpoints == 32 and Glow((3, 8, 8), checkpoints=None).transform.checkpoints is None
+    g.transform.checkpoints = 0  # set later: checked when the engine is built
+    with pytest.raises(ValueError, match="checkpoints must be at least 1"):
         g.log_prob(torch.rand(2, 3, 8, 8)).sum().backward()
 
 
@@ -352,14 +354,13 @@ def test_bench_reversible_quick(tmp_path):
                            "--bit-exact", "--no-memory", "--json", str(js2)]) == 0
     exact = json.loads(js2.read_text())
     assert exact["config"]["bit_exact"] and all(g["bit_exact_global"] <= 1e-6 for g in exact["gradients"])
+    fp32 = next(g for g in data["gradients"] if g["dtype"] == "float32")
+    assert fp32["no_checkpoints_global"] <= 1e-4 and fp32["no_checkpoints_vs_fp64_global"] <= 1e-4
     js3 = tmp_path / "budget.json"
     assert benchmark.main(["--op", "reversible", "--quick", "--in-process", "--threads", "1", "--plot", "",
-                           "--checkpoints", "3", "--json", str(js3)]) == 0
-    budget = json.loads(js3.read_text())
-    assert budget["config"]["checkpoints"] == 3
-    fp32 = next(g for g in budget["gradients"] if g["dtype"] == "float32")
-    assert fp32["checkpoints"] == bench_reversible.REPORT_CHECKPOINTS and fp32["checkpoints_global"] <= 1e-4
-    assert benchmark.main(["--op", "reversible", "--checkpoints", "0"]) == 2
+                           "--checkpoints", "0", "--no-memory", "--json", str(js3)]) == 0
+    assert json.loads(js3.read_text())["config"]["checkpoints"] == 0
+    assert benchmark.main(["--op", "reversible", "--checkpoints", "-1"]) == 2
     assert benchmark.main(["--op", "reversible", "--bit-exact", "--micro-batch", "2"]) == 2
 
 
@@ -376,7 +377,7 @@ def test_micro_batch_gradients_equal():
     torch.manual_seed(0)
     ordinary = Glow((3, 8, 8), levels=2, steps=2, hidden=8)
     rev = copy.deepcopy(ordinary)
-    rev.transform.reversible, rev.transform.micro_batch = True, 2
+    rev.transform.reversible, rev.transform.micro_batch, rev.transform.checkpoints = True, 2, None
     _perturb(ordinary, 0.05)
     _perturb(rev, 0.05)
     _compare(ordinary, rev, torch.rand(5, 3, 8, 8, dtype=torch.float64).float(), torch.float32)
@@ -435,7 +436,7 @@ def test_direct_kernel_walk_matches_generic_walk_glow(monkeypatch, dtype, tol, c
     torch.manual_seed(0)
     model = _perturb(Glow((3, 8, 8), levels=2, steps=2, hidden=8, coupling=coupling), 0.05).to(dtype)
     model.log_prob(torch.rand(6, 3, 8, 8, dtype=dtype))  # ActNorm initialization
-    model.transform.reversible = True
+    model.transform.reversible, model.transform.checkpoints = True, None  # rebuild every input
     # frozen parameters: part of a conditioner and one ActNorm's log-scale (the blocks get parameter subsets)
     model.transform.flows[0].transforms[1].transforms[2].conditioner[0].bias.requires_grad_(False)
     model.transform.flows[1].transforms[0].transforms[0].log_scale.requires_grad_(False)
@@ -516,6 +517,7 @@ def test_bit_exact_glow_gradients_equal_ordinary_float32(micro_batch, checkpoint
         rev = copy.deepcopy(ordinary)
         rev.transform.reversible, rev.transform.bit_exact = True, exact
         rev.transform.micro_batch, rev.transform.checkpoint_every = micro_batch, checkpoint_every
+        rev.transform.checkpoints = None
         modes[exact] = rev
     w = torch.linspace(0.5, 1.5, 5)
     for m in (ordinary, *modes.values()):

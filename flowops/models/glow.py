@@ -11,6 +11,9 @@ from ..flow import Flow
 from ..nn.base import Compose, Transform
 from ..nn.glow import COUPLINGS, GlowStep, Split, Squeeze, _check_input, _positive_int
 
+# Stored inputs of a reversible Glow (``checkpoints``): memory independent of depth; see GlowTransform.
+DEFAULT_CHECKPOINTS = 32
+
 
 class GlowTransform(Transform):
     """The multi-scale Glow map between images ``[N, C, H, W]`` and flat latents ``[N, C * H * W]``.
@@ -23,9 +26,11 @@ class GlowTransform(Transform):
 
     ``reversible=True`` trains by reversible recomputation (:mod:`flowops.reversible`): the forward keeps
     only the latents and the log-det, the backward rebuilds each layer's input from its output; the
-    split latents are outputs of the reversible node. ``checkpoint_every=k`` also stores the input of
-    every k-th layer (squeezes, ActNorm + 1x1 conv pairs, couplings and splits counted one by one),
-    ``checkpoints=c`` the inputs of ``c`` evenly spaced layers whatever the depth; the
+    split latents are outputs of the reversible node. ``checkpoints=c`` (default 32) also stores the inputs
+    of ``c`` evenly spaced layers whatever the depth (squeezes, ActNorm + 1x1 conv pairs, couplings and splits
+    counted one by one; ``None``: only the bottom one), so that rebuilds restart from exact tensors: float32
+    gradients as close to the float64 ones as ordinary backprop's, for memory that does not grow with depth.
+    ``checkpoint_every=k`` adds the input of every k-th layer; the
     attributes ``drift_tol`` and ``on_drift`` set the drift check, ``micro_batch`` the backward's slices,
     ``bit_exact`` the exact rebuilds (see :class:`flowops.ReversibleSequential`).
     Values, gradients and the state_dict layout are those of the ordinary model; the attribute
@@ -33,13 +38,14 @@ class GlowTransform(Transform):
     """
 
     def __init__(self, in_shape, levels: int = 3, steps: int = 8, hidden: int = 512, coupling: str = "affine",
-                 reversible: bool = False, checkpoint_every: int | None = None, checkpoints: int | None = None):
+                 reversible: bool = False, checkpoint_every: int | None = None,
+                 checkpoints: int | None = DEFAULT_CHECKPOINTS):
         super().__init__()
         from ..reversible import _check_checkpoints, _check_options
 
         self.reversible = bool(reversible)
         self.checkpoint_every = _check_options(checkpoint_every, None, "warn")
-        self.checkpoints = _check_checkpoints(checkpoints, checkpoint_every)
+        self.checkpoints = _check_checkpoints(checkpoints)
         self.drift_tol, self.on_drift, self.micro_batch, self.bit_exact = None, "warn", None, False
         if not isinstance(in_shape, (tuple, list, torch.Size)) or len(in_shape) != 3:
             raise ValueError(f"Glow: in_shape must be (C, H, W), got {in_shape!r}")
@@ -127,7 +133,7 @@ class GlowTransform(Transform):
 
         engine = _Engine(reversible_blocks(self.named_layers()), self.checkpoint_every, self.drift_tol, self.on_drift,
                          micro_batch=self.micro_batch, bit_exact=_check_bit_exact(self.bit_exact),
-                         checkpoints=_check_checkpoints(self.checkpoints, self.checkpoint_every))
+                         checkpoints=_check_checkpoints(self.checkpoints))
         h, total, parts = engine.run(x)
         return torch.cat([p.flatten(1) for p in (*parts, h)], dim=1), x.new_zeros(x.shape[0]) + total
 
@@ -159,12 +165,14 @@ class Glow(Flow):
     mode: call ``log_prob`` on a real data batch before sampling. For discrete pixels use
     :mod:`flowops.nn.preprocess` (dequantization, logit transform, bits/dim).
 
-    ``reversible=True`` trains with memory that does not grow with ``steps`` (``checkpoints=c`` keeps that,
-    ``checkpoint_every=k`` adds depth / k stored inputs): see :class:`GlowTransform` and :mod:`flowops.reversible`.
+    ``reversible=True`` trains with memory that does not grow with ``steps`` (``checkpoints``, default 32 stored
+    inputs, keeps that; ``checkpoint_every=k`` adds depth / k): see :class:`GlowTransform` and
+    :mod:`flowops.reversible`.
     """
 
     def __init__(self, in_shape, levels: int = 3, steps: int = 8, hidden: int = 512, coupling: str = "affine",
-                 reversible: bool = False, checkpoint_every: int | None = None, checkpoints: int | None = None):
+                 reversible: bool = False, checkpoint_every: int | None = None,
+                 checkpoints: int | None = DEFAULT_CHECKPOINTS):
         transform = GlowTransform(in_shape, levels, steps, hidden, coupling, reversible, checkpoint_every,
                                   checkpoints)
         super().__init__(StandardNormal(transform.dim), transform)
