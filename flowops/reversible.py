@@ -43,8 +43,8 @@ Rules and options:
   the depth: memory that does not grow with depth, reconstruction restarting every ``depth / c`` layers (float32
   gradients of a deep Glow then as close to the float64 ones as ordinary backprop's, where a rebuild through the
   whole stack is 3 - 10x further off; ``Glow`` uses 32 by default). With both options the stored inputs are the
-  union. ``drift_tol=None`` uses a dtype default
-  (:data:`DEFAULT_DRIFT_TOL`); ``check_drift=False`` turns the check off.
+  union. ``drift_tol=None`` uses a dtype default (:data:`DEFAULT_DRIFT_TOL`); ``check_drift=False`` turns the
+  check off.
 * ``bit_exact=True`` makes every rebuild exact: the forward also inverts each layer's output the way the
   backward will and keeps the difference to the true input as a compact record (the integer differences of the
   values' ordered bit patterns: one int8 per value, plus the rare positions where that does not fit), and the
@@ -574,8 +574,7 @@ class _Engine:
                f"(max abs error relative to max(max|x|, 1); drift_tol {tol:.3g}) after inverting layers "
                f"{i}..{hi - 1}; the worst single-layer round trip is layer {self.blocks[where].label()} "
                f"({worst:.3g}). The gradients may be inaccurate: use checkpoints=c or checkpoint_every=k, a higher "
-               f"precision, or "
-               f"keep that layer out of the reversible stack.")
+               f"precision, or keep that layer out of the reversible stack.")
         if self.on_drift == "error":
             raise ReversibleDriftError(msg)
         warnings.warn(msg, ReversibleDriftWarning, stacklevel=2)
