@@ -20,6 +20,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -30,6 +31,8 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
@@ -143,6 +146,98 @@ void bias_relu(T* a, const T* b, int64_t P, int64_t K) {
       for (int64_t k = 0; k < K; ++k) r[k] = std::max(r[k] + b[k], T(0));
     }
   });
+}
+
+// ReLU-kink records for the reversible engine. A recomputation from a rebuilt input (values a few ulps off) can
+// put a hidden unit whose pre-activation is within rounding of zero on the other side of the ReLU, and such
+// flips are what move the recomputed gradients. Per row r of H ([P, K]) with largest value m_r and
+// tau_r = tol * m_r: "record" keeps the units with 0 < h < 2 tau_r (flat index, value); "apply" (on the
+// recomputation) zeroes the units with 0 < h < tau_r and then writes the recorded values back, so every unit
+// that moved by less than tau_r is on the forward's side of the kink with the forward's value.
+struct Kinks {
+  double tol = 0;
+  bool record = false;
+  at::Tensor idx[2], val[2];  // record: outputs; apply: inputs (int32 flat indices, values)
+};
+
+// A (in place, [P, K]) = relu(A + b) with the Kinks pass of `layer` on each row while it is in cache.
+template <typename T>
+void bias_relu_kinks(T* a, const T* b, int64_t P, int64_t K, Kinks& kk, int layer) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  constexpr uint64_t kAllLanes = (uint64_t(1) << V) - 1;
+  const Vec zero(T(0)), inf(std::numeric_limits<T>::infinity());
+  const T tol = static_cast<T>(kk.tol);
+  std::vector<std::vector<std::pair<int32_t, T>>> found(kk.record ? at::get_num_threads() : 0);
+  at::parallel_for(0, P, std::max<int64_t>(1, 32768 / K), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      T* r = a + p * K;
+      Vec vm = zero, vlo = inf;  // the row's largest value and smallest positive one
+      int64_t k = 0;
+      for (; k + V <= K; k += V) {
+        const Vec v = at::vec::maximum(Vec::loadu(r + k) + Vec::loadu(b + k), zero);
+        v.store(r + k);
+        vm = at::vec::maximum(vm, v);
+        vlo = at::vec::minimum(vlo, Vec::blendv(inf, v, v > zero));
+      }
+      T lanes[V], lows[V];
+      vm.store(lanes);
+      vlo.store(lows);
+      T m = 0, lo = std::numeric_limits<T>::infinity();
+      for (int64_t i = 0; i < V; ++i) {
+        m = std::max(m, lanes[i]);
+        lo = std::min(lo, lows[i]);
+      }
+      for (; k < K; ++k) {
+        r[k] = std::max(r[k] + b[k], T(0));
+        m = std::max(m, r[k]);
+        if (r[k] > T(0)) lo = std::min(lo, r[k]);
+      }
+      const T tau = tol * m;
+      if (!(lo < 2 * tau)) continue;  // no unit in the band (most rows): nothing to record or clear
+      const Vec vt(tau);
+      if (!kk.record) {
+        for (k = 0; k + V <= K; k += V) {
+          const Vec v = Vec::loadu(r + k);
+          Vec::blendv(v, zero, (v > zero) & (v < vt)).store(r + k);
+        }
+        for (; k < K; ++k) r[k] = (r[k] > T(0) && r[k] < tau) ? T(0) : r[k];
+        continue;
+      }
+      auto& out = found[at::get_thread_num()];
+      // 0 < h < 2 tau  <=>  |h - tau| < tau; a vector's lanes in the band as bits (zero_mask: lanes that are not)
+      for (k = 0; k + V <= K; k += V) {
+        uint64_t in_band = ~static_cast<uint64_t>(((Vec::loadu(r + k) - vt).abs() < vt).zero_mask()) & kAllLanes;
+        for (; in_band; in_band &= in_band - 1) {
+          const int64_t j = k + __builtin_ctzll(in_band);
+          out.emplace_back(static_cast<int32_t>(p * K + j), r[j]);
+        }
+      }
+      for (; k < K; ++k) {
+        if (std::abs(r[k] - tau) < tau) out.emplace_back(static_cast<int32_t>(p * K + k), r[k]);
+      }
+    }
+  });
+  if (!kk.record) {
+    const int32_t* ip = kk.idx[layer].const_data_ptr<int32_t>();
+    const T* vp = kk.val[layer].const_data_ptr<T>();
+    for (int64_t i = 0; i < kk.idx[layer].numel(); ++i) a[ip[i]] = vp[i];
+    return;
+  }
+  int64_t n = 0;
+  for (const auto& v : found) n += static_cast<int64_t>(v.size());
+  at::Tensor idx = at::empty({n}, at::TensorOptions().dtype(at::kInt));
+  at::Tensor val = at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  int32_t* ip = idx.mutable_data_ptr<int32_t>();
+  T* vp = val.mutable_data_ptr<T>();
+  for (const auto& v : found) {
+    for (const auto& e : v) {
+      *ip++ = e.first;
+      *vp++ = e.second;
+    }
+  }
+  kk.idx[layer] = idx;
+  kk.val[layer] = val;
 }
 
 // G (in place) = G where H > 0, else 0 (the ReLU's backward, H its output).
@@ -327,7 +422,7 @@ at::Tensor im2col(const at::Tensor& x, const Geom& g, int slot) {
 
 // keep: H1 and H2 are fresh tensors for the backward; otherwise (no gradient) they live in the scratch slots.
 Forward forward_impl(const at::Tensor& x, const Weights& m, const at::Tensor& b1, const at::Tensor& b2,
-                     const at::Tensor& b3, const Geom& g, bool keep) {
+                     const at::Tensor& b3, const Geom& g, bool keep, Kinks* kinks = nullptr) {
   const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
   Forward f;
   f.y = at::empty({g.N, g.O, g.H, g.W}, opts);
@@ -337,10 +432,18 @@ Forward forward_impl(const at::Tensor& x, const Weights& m, const at::Tensor& b1
   const auto bb1 = b1.contiguous(), bb2 = b2.contiguous(), bb3 = b3.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_net_fwd", [&] {
     gemm_nn(f.H1, col, m.W1, 0);
-    bias_relu<scalar_t>(f.H1.mutable_data_ptr<scalar_t>(), bb1.const_data_ptr<scalar_t>(), g.P, g.K);
+    if (kinks) {
+      bias_relu_kinks<scalar_t>(f.H1.mutable_data_ptr<scalar_t>(), bb1.const_data_ptr<scalar_t>(), g.P, g.K, *kinks, 0);
+    } else {
+      bias_relu<scalar_t>(f.H1.mutable_data_ptr<scalar_t>(), bb1.const_data_ptr<scalar_t>(), g.P, g.K);
+    }
     f.H2 = keep ? pooled(g.P, g.K, opts) : scratch(0, g.P, g.K, opts);  // col is dead
     gemm_nt(f.H2, f.H1, m.W2);
-    bias_relu<scalar_t>(f.H2.mutable_data_ptr<scalar_t>(), bb2.const_data_ptr<scalar_t>(), g.P, g.K);
+    if (kinks) {
+      bias_relu_kinks<scalar_t>(f.H2.mutable_data_ptr<scalar_t>(), bb2.const_data_ptr<scalar_t>(), g.P, g.K, *kinks, 1);
+    } else {
+      bias_relu<scalar_t>(f.H2.mutable_data_ptr<scalar_t>(), bb2.const_data_ptr<scalar_t>(), g.P, g.K);
+    }
     auto G = keep ? scratch(0, g.P, 9 * g.O, opts) : scratch(1, g.P, 9 * g.O, opts);  // col or H1: dead
     gemm_nn(G, f.H2, m.W3, 0);
     scatter_taps<scalar_t>(f.y.mutable_data_ptr<scalar_t>(), G.const_data_ptr<scalar_t>(),
@@ -461,6 +564,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_net_fwd_cpu(const at::Tensor
   return {f.y, f.H1, f.H2};
 }
 
+// conv_net_fwd with ReLU-kink records (see Kinks): with `apply` empty it records them ([idx1, val1, idx2, val2]
+// returned; h1 and h2 come back empty); with `apply` = those four tensors it applies them to this recomputation
+// (h1 and h2 as conv_net_fwd returns them, nothing else).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> conv_net_fwd_kinks_cpu(
+    const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+    const at::Tensor& w3, const at::Tensor& b3, double tol, at::TensorList apply) {
+  const Geom g = check(x, w1, b1, w2, b2, w3, b3);
+  TORCH_CHECK_VALUE(tol >= 0 && tol < 0.5, "flowops.conv_net_fwd_kinks: tol must be in [0, 0.5), got ", tol);
+  TORCH_CHECK_VALUE(g.P * g.K < (int64_t(1) << 31), "flowops.conv_net_fwd_kinks: ", g.P, " x ", g.K,
+                    " hidden units do not fit int32 indices");
+  TORCH_CHECK_VALUE(apply.empty() || apply.size() == 4, "flowops.conv_net_fwd_kinks: apply must be empty (record) "
+                    "or the four tensors a recording returned, got ", apply.size());
+  Kinks kk;
+  kk.tol = tol;
+  kk.record = apply.empty();
+  for (size_t l = 0; l < 2 && !kk.record; ++l) {
+    const auto& idx = apply[2 * l];
+    const auto& val = apply[2 * l + 1];
+    TORCH_CHECK_VALUE(idx.dim() == 1 && idx.scalar_type() == at::kInt && idx.is_contiguous() && idx.is_cpu() &&
+                          val.dim() == 1 && val.numel() == idx.numel() && val.scalar_type() == x.scalar_type() &&
+                          val.is_contiguous() && val.is_cpu(),
+                      "flowops.conv_net_fwd_kinks: apply must be the (int32 indices, values) pairs a recording "
+                      "returned");
+    const int32_t* ip = idx.const_data_ptr<int32_t>();
+    bool in_range = true;
+    for (int64_t i = 0; i < idx.numel(); ++i) in_range &= ip[i] >= 0 && ip[i] < g.P * g.K;
+    TORCH_CHECK_VALUE(in_range, "flowops.conv_net_fwd_kinks: recorded indices out of range for ", g.P, " x ", g.K);
+    kk.idx[l] = idx;
+    kk.val[l] = val;
+  }
+  // recording keeps no activations (H1, H2 in the scratch slots; empty tensors returned)
+  Forward f = forward_impl(x, weight_matrices(g, w1, w2, w3), b1, b2, b3, g, !kk.record, g.P ? &kk : nullptr);
+  std::vector<at::Tensor> rec;
+  if (kk.record && g.P) f.H1 = f.H2 = at::empty({0, g.K}, x.options());
+  if (g.P == 0) {
+    f.H1 = f.H2 = at::empty({0, g.K}, x.options());
+    if (kk.record) {
+      for (int l = 0; l < 2; ++l) {
+        kk.idx[l] = at::empty({0}, at::TensorOptions().dtype(at::kInt));
+        kk.val[l] = at::empty({0}, x.options());
+      }
+    }
+  }
+  if (kk.record) rec = {kk.idx[0], kk.val[0], kk.idx[1], kk.val[1]};
+  return {f.y, f.H1, f.H2, rec};
+}
+
 std::vector<at::Tensor> conv_net_bwd_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& h1,
                                          const at::Tensor& h2, const at::Tensor& w1, const at::Tensor& b1,
                                          const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3,
@@ -487,6 +637,8 @@ TORCH_LIBRARY_FRAGMENT(flowops, m) {
   m.def("conv_net(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3) -> Tensor");
   m.def("conv_net_fwd(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3) -> "
         "(Tensor, Tensor, Tensor)");
+  m.def("conv_net_fwd_kinks(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, float tol, "
+        "Tensor[] apply) -> (Tensor, Tensor, Tensor, Tensor[])");
   m.def("conv_net_bwd(Tensor grad_y, Tensor x, Tensor h1, Tensor h2, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
         "Tensor w3, Tensor b3, bool need_x) -> Tensor[]");
   m.def("conv_net_empty_cache() -> int", [] { return pool().clear(); });
@@ -496,6 +648,7 @@ TORCH_LIBRARY_FRAGMENT(flowops, m) {
 TORCH_LIBRARY_IMPL(flowops, CPU, m) {
   m.impl("conv_net", &conv_net_plain);
   m.impl("conv_net_fwd", &conv_net_fwd_cpu);
+  m.impl("conv_net_fwd_kinks", &conv_net_fwd_kinks_cpu);
   m.impl("conv_net_bwd", &conv_net_bwd_cpu);
 }
 

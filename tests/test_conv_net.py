@@ -81,6 +81,68 @@ def test_plain_forward_backward_calls_match_the_op(shape, dtype):
             assert torch.equal(a, b)
 
 
+def _kink_reference(h, tol):
+    """The units conv_net_fwd_kinks records: per row, 0 < h < 2 * tol * (the row's largest value)."""
+    tau = tol * h.max(dim=1, keepdim=True).values
+    sel = (h > 0) & (h < 2 * tau)
+    return set(sel.flatten().nonzero().flatten().tolist()), tau
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES + [(0, 3, 4, 4, 8, 6)])
+def test_kink_records(shape, dtype):
+    """conv_net_fwd_kinks: recording gives conv_net_fwd's output and exactly the reference's near-kink units with
+    their values; applying them to a recomputation from a slightly moved input puts every unit that moved less
+    than tau on the recorded side of the ReLU (those near the kink get the recorded values) and leaves the rest."""
+    n, c, h, w, k, o = shape
+    ps = make(c, o, k, dtype)
+    x = torch.randn(n, c, h, w, dtype=torch.float64).to(dtype)
+    tol = 0.05  # wide, so that small shapes have records
+    ops = torch.ops.flowops
+    with torch.no_grad():
+        _check_kinks(ops, x, ps, tol, dtype, n)
+
+
+def _check_kinks(ops, x, ps, tol, dtype, n):
+    y, h1, h2 = ops.conv_net_fwd(x, *ps)
+    y2, e1, e2, rec = ops.conv_net_fwd_kinks(x, *ps, tol, [])
+    assert torch.equal(y2, y) and e1.numel() == 0 and e2.numel() == 0 and len(rec) == 4
+    for hh, idx, val in ((h1, rec[0], rec[1]), (h2, rec[2], rec[3])):
+        want, _ = _kink_reference(hh, tol)
+        assert idx.dtype == torch.int32 and val.dtype == dtype and set(idx.tolist()) == want
+        assert idx.numel() > 0 or hh.numel() < 200  # the wide band finds units on all but the tiny shapes
+        assert torch.equal(val, hh.flatten()[idx.long()])
+    xm = x * (1 + 1e-9 if dtype == torch.float64 else 1 + 1e-6)
+    _, m1, m2 = ops.conv_net_fwd(xm, *ps)
+    _, a1, a2, none = ops.conv_net_fwd_kinks(xm, *ps, tol, list(rec))
+    assert none == [] and a1.shape == m1.shape
+    want1, tau1 = _kink_reference(m1, tol)
+    fixed = m1.clone()
+    fixed[(m1 > 0) & (m1 < tau1)] = 0
+    fixed.view(-1)[rec[0].long()] = rec[1]
+    assert torch.equal(a1, fixed)
+    if n:
+        assert ((a1 > 0) == (h1 > 0)).all()  # every unit on the forward's side (the move is far below tau)
+
+
+@needs_cpp
+def test_kink_records_check_their_arguments():
+    ps = [p.detach() for p in make(3, 6, 8, torch.float32)]
+    x = torch.randn(2, 3, 4, 4)
+    ops = torch.ops.flowops
+    rec = ops.conv_net_fwd_kinks(x, *ps, 0.1, [])[3]
+    with pytest.raises(ValueError, match="tol must be in"):
+        ops.conv_net_fwd_kinks(x, *ps, 0.7, [])
+    with pytest.raises(ValueError, match="apply must be empty"):
+        ops.conv_net_fwd_kinks(x, *ps, 0.1, rec[:2])
+    with pytest.raises(ValueError, match="int32 indices, values"):
+        ops.conv_net_fwd_kinks(x, *ps, 0.1, [rec[0].long(), rec[1], rec[2], rec[3]])
+    bad = torch.tensor([2 * 4 * 4 * 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="out of range"):
+        ops.conv_net_fwd_kinks(x, *ps, 0.1, [bad, torch.ones(1), rec[2], rec[3]])
+
+
 @needs_cpp
 def test_plain_backward_checks_its_arguments():
     ps = make(3, 6, 8)

@@ -248,6 +248,8 @@ BAD = [
     (["--bit-exact"], "--bit-exact needs --reversible"),
     (["--stored-inputs", "4"], "--stored-inputs needs --reversible"),
     (["--reversible", "--stored-inputs", "-1"], "--stored-inputs must be non-negative"),
+    (["--kink-tol", "1e-3"], "--kink-tol needs --reversible"),
+    (["--reversible", "--kink-tol", "0.9"], "--kink-tol must be in"),
 ]
 
 
@@ -316,7 +318,8 @@ def test_reversible_flag(tmp_path, capsys):
         assert _load(exact / "checkpoint-step000008.pt")["history"]["fused"] == pytest.approx(a, abs=1e-12)
         # other stored-input budgets (the default stores every layer's input of this small model): the same run
         for c in ("3", "0"):
-            rc, budget = _run(tmp_path, "budget" + c, *common, "--reversible", "--stored-inputs", c)
+            rc, budget = _run(tmp_path, "budget" + c, *common, "--reversible", "--stored-inputs", c,
+                              "--kink-tol", "1e-3")
             assert rc == 0
             assert _load(budget / "checkpoint-step000008.pt")["history"]["fused"] == pytest.approx(a, abs=1e-9)
     else:

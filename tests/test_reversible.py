@@ -178,6 +178,66 @@ def test_checkpoints_budget_glow_float32_accuracy():
         _compare(ordinary, rev, x, dtype)
 
 
+@pytest.mark.skipif(not _backend.has_cpp(), reason="C++ extension not built")
+def test_kink_records_glow_float32():
+    """ReLU-kink records: a 67-layer float32 Glow rebuilt through the whole stack (no stored inputs) has gradients
+    2.2e-4 from ordinary backprop's, all parameters together, because recomputed conditioner units cross their
+    ReLU's kink; with the records they stay on the forward's side (4e-5 here). float64 equality too."""
+    import flowops.reversible as rev_mod
+
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-9)):
+        torch.manual_seed(0)
+        ordinary = Glow((3, 8, 8), levels=2, steps=16, hidden=16).to(dtype)
+        x = (torch.rand(8, 3, 8, 8) - 0.5).to(dtype)
+        ordinary.log_prob(x)
+        _perturb(ordinary, 0.05)
+        rev = copy.deepcopy(ordinary)
+        rev.transform.reversible, rev.transform.checkpoints, rev.transform.kink_tol = True, None, 1e-3
+        recorded = []
+        real = rev_mod._CouplingBlock.forward_kinks
+
+        def spy(self, h, t):
+            out = real(self, h, t)
+            recorded.append(out[3] is not None and sum(r.numel() for r in out[3][::2]))
+            return out
+
+        for m in (ordinary, rev):
+            m.zero_grad()
+        rev_mod._CouplingBlock.forward_kinks = spy
+        try:
+            (-rev.log_prob(x).mean()).backward()
+        finally:
+            rev_mod._CouplingBlock.forward_kinks = real
+        (-ordinary.log_prob(x).mean()).backward()
+        assert len(recorded) == 32 and sum(recorded) > 0
+        num = sum(((q.grad - p.grad) ** 2).sum() for p, q in zip(ordinary.parameters(), rev.parameters()))
+        den = sum((p.grad ** 2).sum() for p in ordinary.parameters())
+        assert (num / den).sqrt().item() <= tol
+
+
+def test_kink_tol_option():
+    with pytest.raises(TypeError, match="kink_tol must be a number"):
+        ReversibleSequential(AffineCoupling(4), kink_tol="small")
+    with pytest.raises(ValueError, match="kink_tol must be in"):
+        ReversibleSequential(AffineCoupling(4), kink_tol=0.0)
+    assert "kink_tol=0.001" in repr(ReversibleSequential(AffineCoupling(4), kink_tol=1e-3))
+    g = Glow((3, 8, 8), levels=2, steps=2, hidden=8, reversible=True)
+    assert g.transform.kink_tol is None
+    g.transform.kink_tol = 2.0
+    with pytest.raises(ValueError, match="kink_tol must be in"):
+        g.log_prob(torch.rand(2, 3, 8, 8)).sum().backward()
+    # with micro_batch the records are off (they index the whole batch): the micro-batched gradients
+    torch.manual_seed(0)
+    a = _perturb(Glow((3, 8, 8), levels=2, steps=2, hidden=8, reversible=True, checkpoints=None), 0.05)
+    b = copy.deepcopy(a)
+    a.transform.micro_batch, b.transform.micro_batch, b.transform.kink_tol = 2, 2, 1e-3
+    x = torch.rand(5, 3, 8, 8, dtype=torch.float64).float()
+    for m in (a, b):
+        m.log_prob(x).sum().backward()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
 def test_mixed_stack_shared_frozen_and_hooks():
     torch.manual_seed(0)
     d = 6
@@ -356,6 +416,8 @@ def test_bench_reversible_quick(tmp_path):
     assert exact["config"]["bit_exact"] and all(g["bit_exact_global"] <= 1e-6 for g in exact["gradients"])
     fp32 = next(g for g in data["gradients"] if g["dtype"] == "float32")
     assert fp32["no_checkpoints_global"] <= 1e-4 and fp32["no_checkpoints_vs_fp64_global"] <= 1e-4
+    assert fp32["kink_tol"] == 1e-3 and fp32["kinks_global"] <= 1e-4
+    assert benchmark.main(["--op", "reversible", "--kink-tol", "2"]) == 2
     js3 = tmp_path / "budget.json"
     assert benchmark.main(["--op", "reversible", "--quick", "--in-process", "--threads", "1", "--plot", "",
                            "--checkpoints", "0", "--no-memory", "--json", str(js3)]) == 0
@@ -437,6 +499,7 @@ def test_direct_kernel_walk_matches_generic_walk_glow(monkeypatch, dtype, tol, c
     model = _perturb(Glow((3, 8, 8), levels=2, steps=2, hidden=8, coupling=coupling), 0.05).to(dtype)
     model.log_prob(torch.rand(6, 3, 8, 8, dtype=dtype))  # ActNorm initialization
     model.transform.reversible, model.transform.checkpoints = True, None  # rebuild every input
+    model.transform.kink_tol = None  # the walks themselves (kink records: their own tests)
     # frozen parameters: part of a conditioner and one ActNorm's log-scale (the blocks get parameter subsets)
     model.transform.flows[0].transforms[1].transforms[2].conditioner[0].bias.requires_grad_(False)
     model.transform.flows[1].transforms[0].transforms[0].log_scale.requires_grad_(False)

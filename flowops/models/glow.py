@@ -30,9 +30,11 @@ class GlowTransform(Transform):
     of ``c`` evenly spaced layers whatever the depth (squeezes, ActNorm + 1x1 conv pairs, couplings and splits
     counted one by one; ``None``: only the bottom one), so that rebuilds restart from exact tensors: float32
     gradients as close to the float64 ones as ordinary backprop's, for memory that does not grow with depth.
-    ``checkpoint_every=k`` adds the input of every k-th layer; the
-    attributes ``drift_tol`` and ``on_drift`` set the drift check, ``micro_batch`` the backward's slices,
-    ``bit_exact`` the exact rebuilds (see :class:`flowops.ReversibleSequential`).
+    ``checkpoint_every=k`` adds the input of every k-th layer. The attribute ``kink_tol`` (default None; e.g.
+    1e-3) keeps the conditioners' ReLUs on the forward's side of their kinks in the backward (see
+    :mod:`flowops.reversible`). The attributes ``drift_tol`` and ``on_drift`` set the drift check,
+    ``micro_batch`` the backward's slices, ``bit_exact`` the exact rebuilds (see
+    :class:`flowops.ReversibleSequential`).
     Values, gradients and the state_dict layout are those of the ordinary model; the attribute
     ``reversible`` can be switched at any time.
     """
@@ -46,6 +48,7 @@ class GlowTransform(Transform):
         self.reversible = bool(reversible)
         self.checkpoint_every = _check_options(checkpoint_every, None, "warn")
         self.checkpoints = _check_checkpoints(checkpoints)
+        self.kink_tol = None
         self.drift_tol, self.on_drift, self.micro_batch, self.bit_exact = None, "warn", None, False
         if not isinstance(in_shape, (tuple, list, torch.Size)) or len(in_shape) != 3:
             raise ValueError(f"Glow: in_shape must be (C, H, W), got {in_shape!r}")
@@ -129,11 +132,11 @@ class GlowTransform(Transform):
         return named
 
     def _reversible_forward(self, x):
-        from ..reversible import _check_bit_exact, _check_checkpoints, _Engine, reversible_blocks
+        from ..reversible import _check_bit_exact, _check_checkpoints, _check_kink_tol, _Engine, reversible_blocks
 
         engine = _Engine(reversible_blocks(self.named_layers()), self.checkpoint_every, self.drift_tol, self.on_drift,
                          micro_batch=self.micro_batch, bit_exact=_check_bit_exact(self.bit_exact),
-                         checkpoints=_check_checkpoints(self.checkpoints))
+                         checkpoints=_check_checkpoints(self.checkpoints), kink_tol=_check_kink_tol(self.kink_tol))
         h, total, parts = engine.run(x)
         return torch.cat([p.flatten(1) for p in (*parts, h)], dim=1), x.new_zeros(x.shape[0]) + total
 
