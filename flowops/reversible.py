@@ -337,8 +337,7 @@ class _CouplingBlock(_Block):
             xp, xt = h[:, t._pass], h[:, t._trans]
             cond = t._params(xp)
             yt, ld = t._couple(xt, cond, False, None)
-            y = torch.cat((xp, yt) if t._pass_first else (yt, xp), dim=1)
-            return y, (), ld, _encode(xt, t._couple(yt, cond, True, None)[0])
+            return t._join(xp, yt), (), ld, _encode(xt, t._couple(yt, cond, True, None)[0])
         m = t.mask.to(h.dtype)
         cond = t._params(h * m)
         y, ld = t._couple(h, cond, False, m)
@@ -354,11 +353,9 @@ class _CouplingBlock(_Block):
         if w is None:
             return (*self.forward(h), None)
         xp, xt = h[:, t._pass], h[:, t._trans]
-        cond, h1, h2, rec = torch.ops.flowops.conv_net_fwd_kinks(xp, *w, tol, [])
-        del h1, h2
+        cond, _, _, rec = torch.ops.flowops.conv_net_fwd_kinks(xp, *w, tol, [])  # recording keeps no activations
         yt, ld = t._couple(xt, cond, False, None)
-        y = torch.cat((xp, yt) if t._pass_first else (yt, xp), dim=1)
-        return y, (), ld, tuple(rec)
+        return t._join(xp, yt), (), ld, tuple(rec)
 
     def _backprop_direct(self, kernel, y, gy, gld, params, need_input_grad, fix, kinks=None):
         t = self.module
@@ -395,11 +392,11 @@ class _CouplingBlock(_Block):
             grads = _autograd((cond_g,), (gcond,), inputs) or [None] * len(inputs)
             gxp_c = grads[0] if need_input_grad else None
             gp = list(grads[1:] if need_input_grad else grads)
-        x = torch.cat((yp, xt) if t._pass_first else (xt, yp), dim=1)
+        x = t._join(yp, xt)
         if not need_input_grad:
             return x, None, gp
         gxp = gy[:, t._pass] if gxp_c is None else gy[:, t._pass] + gxp_c
-        gx = torch.cat((gxp, gxt) if t._pass_first else (gxt, gxp), dim=1)
+        gx = t._join(gxp, gxt)
         return x, gx, gp
 
     def backprop(self, y, extras, gy, gextras, gld, params, need_input_grad, fix=None, kinks=None):
@@ -420,12 +417,12 @@ class _CouplingBlock(_Block):
                 yt2, ld = t._couple(xt, cond, False, None)
                 inputs = ([xp, xt] if need_input_grad else []) + list(params)
                 grads = _autograd((yt2, ld), (gy[:, t._trans], gld), inputs) or [None] * len(inputs)
-            x = torch.cat((yp, xt.detach()) if t._pass_first else (xt.detach(), yp), dim=1)
+            x = t._join(yp, xt.detach())
             if not need_input_grad:
                 return x, None, list(grads)
             gxp = gy[:, t._pass] if grads[0] is None else gy[:, t._pass] + grads[0]
             gxt = grads[1] if grads[1] is not None else torch.zeros_like(xt)
-            gx = torch.cat((gxp, gxt) if t._pass_first else (gxt, gxp), dim=1)
+            gx = t._join(gxp, gxt)
             return x, gx, list(grads[2:])
         m = t.mask.to(y.dtype)
         with torch.enable_grad():
@@ -616,12 +613,13 @@ def _rel_err(a, b) -> float:
     return d / scale
 
 
-def _backprop_chunked(b, h, ex, gh, gex, gld, params, need_x, micro_batch, fix=None):
+def _backprop_chunked(b, h, ex, gh, gex, gld, params, need_x, micro_batch, fix=None, kinks=None):
     """``b.backprop`` over slices of ``micro_batch`` samples (layers act on each sample independently); ``fix``
-    (a bit-exact record) only without slices (the engine does not combine the two)."""
+    (a bit-exact record) and ``kinks`` (a coupling's ReLU-kink records) only without slices (the engine does
+    not combine them with micro_batch)."""
     n = h.shape[0]
     if not micro_batch or n <= micro_batch:
-        return b.backprop(h, ex, gh, gex, gld, params, need_x, fix)
+        return b.backprop(h, ex, gh, gex, gld, params, need_x, fix, *(() if kinks is None else (kinks,)))
     xs, gxs, gps = [], [], [None] * len(params)
     for s in range(0, n, micro_batch):
         sl = slice(s, s + micro_batch)
@@ -750,10 +748,8 @@ class _ReversibleFunction(torch.autograd.Function):
                 ex, gex = (), ()
             bp = b.params()
             need_x = i > 0 or ctx.x_requires_grad
-            if i in kinks:
-                x, gx, gp = b.backprop(h, ex, gh, gex, gtotal, bp, need_x, fixes.get(i), kinks[i])
-            else:
-                x, gx, gp = _backprop_chunked(b, h, ex, gh, gex, gtotal, bp, need_x, engine.micro_batch, fixes.get(i))
+            x, gx, gp = _backprop_chunked(b, h, ex, gh, gex, gtotal, bp, need_x, engine.micro_batch, fixes.get(i),
+                                          kinks.get(i))
             for p, g in zip(bp, gp):
                 if g is None:
                     continue
@@ -839,13 +835,17 @@ def _check_bit_exact(bit_exact):
     return bit_exact
 
 
+def _optional_positive_int(name, value):
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"reversible: {name} must be an int or None, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"reversible: {name} must be at least 1, got {value}")
+    return value
+
+
 def _check_micro_batch(micro_batch):
-    if micro_batch is not None:
-        if isinstance(micro_batch, bool) or not isinstance(micro_batch, int):
-            raise TypeError(f"reversible: micro_batch must be an int or None, got {type(micro_batch).__name__}")
-        if micro_batch < 1:
-            raise ValueError(f"reversible: micro_batch must be at least 1, got {micro_batch}")
-    return micro_batch
+    return _optional_positive_int("micro_batch", micro_batch)
 
 
 def _check_kink_tol(kink_tol):
@@ -859,21 +859,11 @@ def _check_kink_tol(kink_tol):
 
 
 def _check_checkpoints(checkpoints):
-    if checkpoints is not None:
-        if isinstance(checkpoints, bool) or not isinstance(checkpoints, int):
-            raise TypeError(f"reversible: checkpoints must be an int or None, got {type(checkpoints).__name__}")
-        if checkpoints < 1:
-            raise ValueError(f"reversible: checkpoints must be at least 1, got {checkpoints}")
-    return checkpoints
+    return _optional_positive_int("checkpoints", checkpoints)
 
 
 def _check_options(checkpoint_every, drift_tol, on_drift):
-    if checkpoint_every is not None:
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
-            raise TypeError(f"reversible: checkpoint_every must be an int or None, got "
-                            f"{type(checkpoint_every).__name__}")
-        if checkpoint_every < 1:
-            raise ValueError(f"reversible: checkpoint_every must be at least 1, got {checkpoint_every}")
+    _optional_positive_int("checkpoint_every", checkpoint_every)
     if drift_tol is not None and not float(drift_tol) >= 0:
         raise ValueError(f"reversible: drift_tol must be a non-negative number or None, got {drift_tol}")
     if on_drift not in ON_DRIFT:

@@ -179,7 +179,7 @@ def test_checkpoints_budget_glow_float32_accuracy():
 
 
 @pytest.mark.skipif(not _backend.has_cpp(), reason="C++ extension not built")
-def test_kink_records_glow_float32():
+def test_kink_records_glow_float32(monkeypatch):
     """ReLU-kink records: a 67-layer float32 Glow rebuilt through the whole stack (no stored inputs) has gradients
     2.2e-4 from ordinary backprop's, all parameters together, because recomputed conditioner units cross their
     ReLU's kink; with the records they stay on the forward's side (4e-5 here). float64 equality too."""
@@ -201,13 +201,9 @@ def test_kink_records_glow_float32():
             recorded.append(out[3] is not None and sum(r.numel() for r in out[3][::2]))
             return out
 
-        for m in (ordinary, rev):
-            m.zero_grad()
-        rev_mod._CouplingBlock.forward_kinks = spy
-        try:
+        with monkeypatch.context() as m:
+            m.setattr(rev_mod._CouplingBlock, "forward_kinks", spy)
             (-rev.log_prob(x).mean()).backward()
-        finally:
-            rev_mod._CouplingBlock.forward_kinks = real
         (-ordinary.log_prob(x).mean()).backward()
         assert len(recorded) == 32 and sum(recorded) > 0
         num = sum(((q.grad - p.grad) ** 2).sum() for p, q in zip(ordinary.parameters(), rev.parameters()))

@@ -108,13 +108,16 @@ class _Coupling(Transform):
                              f"expected {self.cond_out}")
         return p
 
+    def _join(self, p, t):
+        """The full tensor from its pass-through part ``p`` and transformed part ``t`` (split masks)."""
+        return torch.cat((p, t) if self._pass_first else (t, p), dim=1)
+
     def _run(self, x, inverse):
         self._check(x)
         if self.mask is None:
             xp, xt = x[:, self._pass], x[:, self._trans]
             yt, ld = self._couple(xt, self._params(xp), inverse, None)
-            y = torch.cat((xp, yt) if self._pass_first else (yt, xp), dim=1)
-            return y, ld
+            return self._join(xp, yt), ld
         m = self.mask.to(x.dtype)
         return self._couple(x, self._params(x * m), inverse, m)
 
