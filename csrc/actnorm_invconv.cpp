@@ -64,12 +64,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fold(const at::Tensor& ls, const 
   return {(w * ie.unsqueeze(1)).contiguous(), b.neg(), ie};
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> actnorm_invconv_fwd_cpu(const at::Tensor& x_in, const at::Tensor& ls,
-                                                           const at::Tensor& b, const at::Tensor& w,
-                                                           const at::Tensor& wld, bool inverse) {
-  check_inputs(x_in, ls, b, w, wld);
+// The map itself, y = A x + c (no log-det): one channel matmul per sample on the [N, C, S] view.
+at::Tensor apply_folded(const at::Tensor& x_in, const at::Tensor& ls, const at::Tensor& b, const at::Tensor& w,
+                        bool inverse) {
   auto x = x_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), S = spatial_size(x);
   auto [A, c, e] = fold(ls, b, w, inverse);
@@ -79,9 +76,20 @@ std::tuple<at::Tensor, at::Tensor> actnorm_invconv_fwd_cpu(const at::Tensor& x_i
   } else {
     y = at::baddbmm(c.view({1, C, 1}), A.expand({N, C, C}), x.view({N, C, S}));
   }
+  return y.view(x.sizes());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> actnorm_invconv_fwd_cpu(const at::Tensor& x_in, const at::Tensor& ls,
+                                                           const at::Tensor& b, const at::Tensor& w,
+                                                           const at::Tensor& wld, bool inverse) {
+  check_inputs(x_in, ls, b, w, wld);
+  const int64_t N = x_in.size(0), S = spatial_size(x_in);
+  auto y = apply_folded(x_in, ls, b, w, inverse);
   auto total = (ls.sum() + wld.reshape({})) * static_cast<double>(inverse ? -S : S);
   auto logdet = total.expand({N}).contiguous();
-  return {y.view(x.sizes()), logdet};
+  return {y, logdet};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd_cpu(
@@ -330,6 +338,30 @@ std::array<at::Tensor, 3> lu_factors(const at::Tensor& lower, const at::Tensor& 
   return {L, U, d};
 }
 
+// lu_factors' (L, U, d) with L and U written by loops (the reverse's triangular solves run on them): the same
+// values as the aten chain (d by the same exp, so a solve gives InvConv1x1.inverse_weight's W^-1 bit for bit),
+// without its eight tiny eager ops. For the contiguous float/double arguments perm_rows accepts.
+std::array<at::Tensor, 3> lu_factors_loops(const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& sign,
+                                           const at::Tensor& log_s) {
+  const int64_t C = lower.size(0);
+  auto d = sign * log_s.exp();
+  auto L = at::zeros_like(lower), U = at::zeros_like(upper);
+  AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "lu_factors", [&] {
+    const scalar_t* lo = lower.const_data_ptr<scalar_t>();
+    const scalar_t* up = upper.const_data_ptr<scalar_t>();
+    const scalar_t* dd = d.const_data_ptr<scalar_t>();
+    scalar_t* l = L.mutable_data_ptr<scalar_t>();
+    scalar_t* u = U.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < C; ++i) {
+      for (int64_t k = 0; k < i; ++k) l[i * C + k] = lo[i * C + k];
+      l[i * C + i] = scalar_t(1);
+      u[i * C + i] = dd[i];
+      for (int64_t j = i + 1; j < C; ++j) u[i * C + j] = up[i * C + j];
+    }
+  });
+  return {L, U, d};
+}
+
 // The gradients of (lower, upper, log_s) for W's gradient: the loops when perm is a permutation matrix (rows
 // not empty), else the aten formula of W = P L U.
 std::array<at::Tensor, 3> lu_weight_grads(const at::Tensor& grad, const std::vector<int64_t>& rows,
@@ -409,12 +441,14 @@ actnorm_invconv_reverse_cpu(const at::Tensor& y, const at::Tensor& grad_y, const
                             const at::Tensor& log_s, const std::optional<at::Tensor>& record_small,
                             const std::optional<at::Tensor>& record_idx, const std::optional<at::Tensor>& record_vals) {
   check_lu_args(perm, lower, upper, sign, log_s);
-  auto [L, U, d] = lu_factors(lower, upper, sign, log_s);
+  const auto wld = log_s.sum();
+  check_inputs(y, log_scale, bias, lower, wld);
+  const auto rows = perm_rows(perm, lower, upper, sign, log_s);
+  auto [L, U, d] = rows.empty() ? lu_factors(lower, upper, sign, log_s) : lu_factors_loops(lower, upper, sign, log_s);
   const auto lo_solve = at::linalg_solve_triangular(L, perm.t(), /*upper=*/false, /*left=*/true,
                                                     /*unitriangular=*/true);
   const auto w_inv = at::linalg_solve_triangular(U, lo_solve, /*upper=*/true);
-  const auto wld = log_s.sum();
-  auto x = std::get<0>(actnorm_invconv_fwd_cpu(y, log_scale, bias, w_inv, wld, /*inverse=*/true));
+  auto x = apply_folded(y, log_scale, bias, w_inv, /*inverse=*/true);
   if (record_small.has_value()) {  // a bit-exact rebuild: the forward's rounding record applied before the gradients
     TORCH_CHECK_VALUE(record_idx.has_value() && record_vals.has_value(),
                       "actnorm_invconv_reverse: a record is small, idx and vals together");
@@ -424,10 +458,9 @@ actnorm_invconv_reverse_cpu(const at::Tensor& y, const at::Tensor& grad_y, const
                                               const at::Tensor&)>();
     x = apply.call(x, *record_small, *record_idx, *record_vals);
   }
-  const auto rows = perm_rows(perm, lower, upper, sign, log_s);
   const auto w = rows.empty() ? at::mm(at::mm(perm, L), U) : lu_weight_loops(rows, lower, upper, sign, log_s);
   auto [gx, gls, gb, gw, gwld] = actnorm_invconv_bwd_cpu(grad_y, grad_logdet, x, log_scale, bias, w, wld, false);
-  auto [g_lower, g_upper, g_log_s] = lu_weight_bwd_cpu(gw, perm, lower, upper, sign, log_s);
+  auto [g_lower, g_upper, g_log_s] = lu_weight_grads(gw, rows, perm, lower, upper, sign, log_s);
   return {x, gx, gls, gb, g_lower, g_upper, g_log_s + gwld};
 }
 

@@ -118,6 +118,32 @@ def _check_kinks(ops, x, ps, tol, dtype, n):
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kink_records_skip_rows_with_nan_and_keep_relu_bits(dtype):
+    """A NaN input makes some hidden rows NaN: those rows get no records and no clearing (their band is NaN, as
+    in the reference), the others are recorded as usual; the ReLU output equals the plain op's bit for bit (NaN
+    and -0 kept as std::max(z, 0) keeps them)."""
+    ps = [p.detach() for p in make(3, 6, 70, dtype)]  # 70 hidden units: vector lanes and a scalar tail
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64).to(dtype)
+    x[0, 1, 2, 3] = float("nan")
+    ops = torch.ops.flowops
+    with torch.no_grad():
+        y, h1, h2 = ops.conv_net_fwd(x, *ps)
+        y2, _, _, rec = ops.conv_net_fwd_kinks(x, *ps, 0.05, [])
+        assert torch.equal(y2.isnan(), y.isnan()) and torch.equal(y2.nan_to_num(), y.nan_to_num())
+        for hh, idx, val in ((h1, rec[0], rec[1]), (h2, rec[2], rec[3])):
+            assert hh.isnan().any(dim=1).any() and not hh.isnan().all()
+            want_idx, want_val = kinks_record(hh, 0.05)
+            order = idx.argsort()
+            assert torch.equal(idx[order], want_idx) and torch.equal(val[order], want_val)
+            assert not hh.isnan().any(dim=1)[idx.long() // hh.shape[1]].any()
+        _, a1, _, _ = ops.conv_net_fwd_kinks(x, *ps, 0.05, list(rec))
+        want = kinks_apply(h1, 0.05, rec[0], rec[1])
+        assert torch.equal(a1.isnan(), want.isnan()) and torch.equal(a1.nan_to_num(), want.nan_to_num())
+        assert torch.equal(torch.signbit(a1), torch.signbit(want))
+
+
+@needs_cpp
 def test_kink_records_check_their_arguments():
     ps = [p.detach() for p in make(3, 6, 8, torch.float32)]
     x = torch.randn(2, 3, 4, 4)

@@ -657,3 +657,43 @@ def test_rebuild_record_codec(dtype):
             torch.ops.flowops.rebuild_apply(rebuilt, fix[0], bad, fix[2])
     with pytest.raises(TypeError, match="bit_exact"):
         rev_mod._encode(x.to(torch.int32), x.to(torch.int32))
+
+
+def test_grad_slots_write_then_accumulate():
+    """The node's gradient buffer: views with the parameters' shapes, a first write copies, later ones add (also
+    for the same slot twice in one call), and slots never written come back None."""
+    from flowops.reversible import _GradSlots
+    params = [torch.zeros(2, 3), torch.zeros(4), torch.zeros(1, dtype=torch.float64), torch.zeros(5)]
+    slots = _GradSlots(params, [True, True, True, False])
+    a, b = torch.arange(6.0).view(2, 3), torch.ones(4)
+    slots.add([(0, a), (1, b), (0, a), (3, torch.ones(5))])  # slot 0 twice in one call; slot 3 not needed
+    slots.add([(1, b), (2, torch.ones(1, dtype=torch.float64))])
+    out = slots.result()
+    assert torch.equal(out[0], 2 * a) and torch.equal(out[1], 2 * b)
+    assert out[2].dtype == torch.float64 and out[2].item() == 1.0 and out[3] is None
+    assert [tuple(o.shape) for o in out[:3]] == [(2, 3), (4,), (1,)]
+
+
+def test_module_parameters_match_torch_order_and_sharing():
+    from flowops.reversible import _module_parameters
+    lin = nn.Linear(3, 3)
+    seq = nn.Sequential(lin, nn.ReLU(), lin, nn.Linear(3, 2))  # a shared module
+    seq.tied = lin.weight  # and a shared parameter under another name
+    seq[3].weight.requires_grad_(False)
+    model = Glow((3, 8, 8), levels=2, steps=2, hidden=8)
+    for m in (seq, model, *model.modules()):
+        want = list(m.parameters())
+        got = _module_parameters(m)
+        assert len(got) == len(want) and all(p is q for p, q in zip(got, want))
+
+
+def test_drift_error_measure():
+    """max|a - b| / max(max|b|, 1): in the inputs' precision (half types in float32), NaN when either holds one."""
+    from flowops.reversible import _rel_err
+    b = torch.tensor([4.0, -2.0, 1.0])
+    assert _rel_err(b + torch.tensor([0.0, 0.5, 0.0]), b) == pytest.approx(0.125)
+    assert _rel_err(torch.tensor([0.25]), torch.tensor([0.0])) == pytest.approx(0.25)  # scale at least 1
+    h = torch.tensor([60000.0, -60000.0], dtype=torch.float16)
+    assert _rel_err(-h, h) == pytest.approx(2.0)  # 120000 overflows float16, not float32
+    assert _rel_err(torch.tensor([float("nan"), 1.0]), torch.ones(2)) != _rel_err(torch.ones(2), torch.ones(2))
+    assert _rel_err(torch.empty(0), torch.empty(0)) == 0.0
