@@ -1224,6 +1224,60 @@ register_op(OpSpec(
 ))
 
 
+KINK_TOL = 1e-3  # the reversible bench's kink_tol
+
+
+def _ck_record_ref(x, *params, inverse=False):
+    from .reference.conv_net import conv_net_kinks
+
+    y, rec = conv_net_kinks(x, *params, KINK_TOL)
+    return (y, *rec)
+
+
+def _ck_record_fused(x, *params, inverse=False):
+    y, _, _, rec = torch.ops.flowops.conv_net_fwd_kinks(x, *params, KINK_TOL, [])
+    out = [y]
+    for idx, val in (rec[:2], rec[2:]):  # the op's threads may append in any order; the reference's is sorted
+        order = idx.argsort()
+        out += [idx[order], val[order]]
+    return tuple(out)
+
+
+def _ck_apply_inputs(shape, dtype, device, generator, opts):
+    """conv_net's inputs moved by one part in 1e6 (a rebuilt input) and the records of the unmoved ones."""
+    from .reference.conv_net import conv_net_kinks
+
+    x, *params = _cn_inputs(shape, dtype, device, generator, opts)
+    with torch.no_grad():
+        _, rec = conv_net_kinks(x, *params, KINK_TOL)
+    return (x * (1 + 1e-6), *params, *rec)
+
+
+def _ck_apply_ref(x, w1, b1, w2, b2, w3, b3, *rec, inverse=False):
+    from .reference.conv_net import conv_net_kinks
+
+    return conv_net_kinks(x, w1, b1, w2, b2, w3, b3, KINK_TOL, list(rec))
+
+
+def _ck_apply_fused(x, w1, b1, w2, b2, w3, b3, *rec, inverse=False):
+    return torch.ops.flowops.conv_net_fwd_kinks(x, w1, b1, w2, b2, w3, b3, KINK_TOL, list(rec))[:3]
+
+
+_CK_SHAPES = dict(shapes=[(16, 6, 16, 16), (16, 12, 8, 8), (16, 24, 4, 4)], quick_shapes=[(2, 3, 5, 7)],
+                  small_shapes=[(16, 6, 16, 16)], directions=("forward",))
+register_op(OpSpec(
+    name="conv_net_kinks_record", make_inputs=_cn_inputs, reference=_ck_record_ref, flowops=_ck_record_fused,
+    labels={(16, 6, 16, 16): f"conv_net's forward recording the ReLU-kink records of both hidden layers "
+                             f"(tol {KINK_TOL:g}; flowops: conv_net_fwd_kinks, the records sorted by index), Glow "
+                             f"level 1 at batch 16; reference: F.conv2d + ReLU + the band test per row"},
+    **_CK_SHAPES))
+register_op(OpSpec(
+    name="conv_net_kinks_apply", make_inputs=_ck_apply_inputs, reference=_ck_apply_ref, flowops=_ck_apply_fused,
+    labels={(16, 6, 16, 16): "conv_net's recomputation from an input moved by 1e-6 with those records applied "
+                             "(y and both hidden layers), Glow level 1 at batch 16"},
+    **_CK_SHAPES))
+
+
 def _glow_model(shape, dtype, device):
     from .models.glow import Glow
 

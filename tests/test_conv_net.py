@@ -376,3 +376,35 @@ def _child_conv_net(ps, x):
     y = ops.conv_net(x, *ps)
     y.sum().backward()  # takes and returns pooled buffers in the child
     return y.detach()
+
+
+@needs_cpp
+@pytest.mark.parametrize("op", ["conv_net_kinks_record", "conv_net_kinks_apply"])
+def test_kink_bench_cases_match_their_reference(op):
+    """The bench cases of the kink records: flowops' outputs (records sorted; the recomputation's y, h1, h2)
+    against the F.conv2d reference, on a shape with records in both layers."""
+    from flowops import benchmark
+    case = benchmark.make_case(op, (2, 6, 8, 8), "forward")
+    ref = benchmark._as_tuple(case.callable("reference")())
+    got = benchmark._as_tuple(case.callable("flowops")())
+    assert len(ref) == len(got)
+    if op == "conv_net_kinks_record":
+        from flowops.reference.conv_net import _images, _rows
+        x, w1, b1, w2, b2 = case.inputs[:5]
+        h1 = _rows(torch.relu(torch.nn.functional.conv2d(x, w1, b1, padding=1)))
+        h2 = _rows(torch.relu(torch.nn.functional.conv2d(_images(h1, 2, 8, 8), w2, b2)))
+        for h, (ri, rv), (gi, gv) in ((h1, ref[1:3], got[1:3]), (h2, ref[3:5], got[3:5])):
+            assert ri.numel() > 0
+            # the same units, but for any within rounding of the band's edge (2 tau: the two convolutions round
+            # differently); the common ones with the same values
+            edge = 2 * benchmark.KINK_TOL * h.max(dim=1).values
+            for i in set(ri.tolist()) ^ set(gi.tolist()):
+                r, k = divmod(i, h.shape[1])
+                assert abs(h[r, k] - edge[r]) <= 1e-5 * h[r].max(), i
+            common = sorted(set(ri.tolist()) & set(gi.tolist()))
+            assert len(common) >= 0.95 * ri.numel()
+            pick = lambda idx, val: val[torch.isin(idx, torch.tensor(common, dtype=idx.dtype))]  # noqa: E731
+            assert (pick(gi, gv) - pick(ri, rv)).abs().max() <= 1e-5 * h.max()  # rounding of the layer's scale
+    else:
+        assert case.check()["ok"] and case.inputs[-4].numel() > 0
+    assert_close(got[0], ref[0], 1e-4)

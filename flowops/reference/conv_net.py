@@ -27,3 +27,35 @@ def conv_net_kinks_apply(h, tol, idx, vals):
     out = h.masked_fill((h > 0) & (h < tau), 0)
     out.view(-1)[idx.long()] = vals
     return out
+
+
+def _rows(h):
+    """``[N, K, H, W]`` -> ``[N * H * W, K]``: one row per pixel, as the C++ op lays out hidden activations."""
+    return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+
+
+def _images(rows, n, height, width):
+    return rows.view(n, height, width, rows.shape[1]).permute(0, 3, 1, 2)
+
+
+def conv_net_kinks(x, w1, b1, w2, b2, w3, b3, tol, records=None):
+    """:func:`conv_net` with ReLU-kink records, as ``torch.ops.flowops.conv_net_fwd_kinks`` computes it.
+
+    ``records=None`` (recording): ``(y, [idx1, val1, idx2, val2])``, the records of both hidden layers
+    (:func:`conv_net_kinks_record`). With ``records`` (the recomputation): each hidden layer has them applied
+    (:func:`conv_net_kinks_apply`) before the next layer runs; returns ``(y, h1, h2)``, the hidden activations
+    as ``[N * H * W, K]`` rows."""
+    n, _, height, width = x.shape
+    h1 = _rows(F.relu(F.conv2d(x, w1, b1, padding=1)))
+    rec = []
+    if records is None:
+        rec += conv_net_kinks_record(h1, tol)
+    else:
+        h1 = conv_net_kinks_apply(h1, tol, records[0], records[1])
+    h2 = _rows(F.relu(F.conv2d(_images(h1, n, height, width), w2, b2)))
+    if records is None:
+        rec += conv_net_kinks_record(h2, tol)
+    else:
+        h2 = conv_net_kinks_apply(h2, tol, records[2], records[3])
+    y = F.conv2d(_images(h2, n, height, width), w3, b3, padding=1)
+    return (y, rec) if records is None else (y, h1, h2)
