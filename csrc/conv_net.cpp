@@ -40,6 +40,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <unordered_map>
+#include <type_traits>
 #include <vector>
 
 namespace flowops {
@@ -163,9 +164,9 @@ struct Kinks {
   at::Tensor idx[2], val[2];  // record: outputs; apply: inputs (int32 flat indices, values)
 };
 
-// One row of bias_relu_kinks' first pass: r = relu(r + b) exactly as bias_relu computes it (std::max(z, 0): z
-// itself when z is NaN or -0), with the row's largest value m (NaN when the row holds a NaN, as a max that
-// propagates NaN gives it) and its smallest positive value lo (infinity when none).
+// One row of bias_relu_kinks' first pass (the generic path): r = relu(r + b) exactly as bias_relu computes it
+// (std::max(z, 0): z itself when z is NaN or -0), with the row's largest value m (NaN when the row holds a NaN,
+// as a max that propagates NaN gives it) and its smallest positive value lo (infinity when none).
 template <typename T>
 inline void relu_row_stats(T* r, const T* b, int64_t K, T& m, T& lo) {
   using Vec = at::vec::Vectorized<T>;
@@ -197,38 +198,50 @@ inline void relu_row_stats(T* r, const T* b, int64_t K, T& m, T& lo) {
 }
 
 #if defined(__AVX512F__)
-// float with AVX-512: the same values in about a third of the instructions (max_ps(0, z) is std::max(z, 0) bit
-// for bit; no NaN-propagating max per vector, one NaN mask instead). This pass runs on every hidden unit of a
-// recording or an application, so its cost is most of what the records cost.
-template <>
-inline void relu_row_stats<float>(float* r, const float* b, int64_t K, float& m, float& lo) {
+inline float hmax16(__m512 v) {
+  const __m256 a = _mm256_max_ps(_mm512_castps512_ps256(v),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 c = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  c = _mm_max_ps(c, _mm_movehl_ps(c, c));
+  return _mm_cvtss_f32(_mm_max_ss(c, _mm_movehdup_ps(c)));
+}
+
+// The whole kink pass of one row for float with AVX-512 (K a multiple of 16): the same results as the generic
+// path in a third of the instructions. max_ps(0, z) is std::max(z, 0) bit for bit; one NaN mask instead of a
+// NaN-propagating max per vector; the smallest positive value stays a vector compared with 2 tau at once; the
+// band tests give lane masks directly. The pass runs on every hidden unit of a recording or an application.
+inline void kink_row_avx512(float* r, const float* b, int64_t K, float tol, bool record, int64_t base,
+                            std::vector<std::pair<int32_t, float>>* out) {
   const __m512 zero = _mm512_setzero_ps();
   __m512 vm = zero, vlo = _mm512_set1_ps(std::numeric_limits<float>::infinity());
   __mmask16 nan = 0;
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
+  for (int64_t k = 0; k < K; k += 16) {
     const __m512 v = _mm512_max_ps(zero, _mm512_add_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(b + k)));
     _mm512_storeu_ps(r + k, v);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     vm = _mm512_max_ps(vm, v);
     vlo = _mm512_mask_min_ps(vlo, _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), vlo, v);
   }
-  alignas(64) float lanes[16], lows[16];
-  _mm512_store_ps(lanes, vm);
-  _mm512_store_ps(lows, vlo);
-  m = 0.0f;
-  lo = std::numeric_limits<float>::infinity();
-  for (int i = 0; i < 16; ++i) {
-    m = std::max(m, lanes[i]);
-    lo = std::min(lo, lows[i]);
+  if (nan) return;  // a NaN row: its tau is NaN, nothing to record or clear
+  const float tau = tol * hmax16(vm);
+  if (!_mm512_cmp_ps_mask(vlo, _mm512_set1_ps(2 * tau), _CMP_LT_OQ)) return;  // no unit in the band (most rows)
+  const __m512 vt = _mm512_set1_ps(tau);
+  if (!record) {
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 v = _mm512_loadu_ps(r + k);
+      const __mmask16 clear = _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ) & _mm512_cmp_ps_mask(v, vt, _CMP_LT_OQ);
+      _mm512_storeu_ps(r + k, _mm512_mask_mov_ps(v, clear, zero));
+    }
+    return;
   }
-  for (; k < K; ++k) {
-    r[k] = std::max(r[k] + b[k], 0.0f);
-    nan |= std::isnan(r[k]) ? 1 : 0;
-    m = std::max(m, r[k]);
-    if (r[k] > 0.0f) lo = std::min(lo, r[k]);
+  for (int64_t k = 0; k < K; k += 16) {  // 0 < h < 2 tau  <=>  |h - tau| < tau
+    const __m512 v = _mm512_loadu_ps(r + k);
+    for (unsigned in_band = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(v, vt)), vt, _CMP_LT_OQ); in_band;
+         in_band &= in_band - 1) {
+      const int64_t j = k + __builtin_ctz(in_band);
+      out->emplace_back(static_cast<int32_t>(base + j), r[j]);
+    }
   }
-  if (nan) m = std::numeric_limits<float>::quiet_NaN();
 }
 #endif
 
@@ -244,6 +257,14 @@ void bias_relu_kinks(T* a, const T* b, int64_t P, int64_t K, Kinks& kk, int laye
   at::parallel_for(0, P, std::max<int64_t>(1, 32768 / K), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       T* r = a + p * K;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (K % 16 == 0) {
+          kink_row_avx512(r, b, K, tol, kk.record, p * K, kk.record ? &found[at::get_thread_num()] : nullptr);
+          continue;
+        }
+      }
+#endif
       T m, lo;  // the row's largest value and smallest positive one
       relu_row_stats<T>(r, b, K, m, lo);
       const T tau = tol * m;

@@ -118,12 +118,13 @@ def _check_kinks(ops, x, ps, tol, dtype, n):
 
 
 @needs_cpp
+@pytest.mark.parametrize("hidden", [70, 128])  # 128: float's vector path (a multiple of 16 units); 70: the generic one
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_kink_records_skip_rows_with_nan_and_keep_relu_bits(dtype):
+def test_kink_records_skip_rows_with_nan_and_keep_relu_bits(dtype, hidden):
     """A NaN input makes some hidden rows NaN: those rows get no records and no clearing (their band is NaN, as
     in the reference), the others are recorded as usual; the ReLU output equals the plain op's bit for bit (NaN
     and -0 kept as std::max(z, 0) keeps them)."""
-    ps = [p.detach() for p in make(3, 6, 70, dtype)]  # 70 hidden units: vector lanes and a scalar tail
+    ps = [p.detach() for p in make(3, 6, hidden, dtype)]
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64).to(dtype)
     x[0, 1, 2, 3] = float("nan")
     ops = torch.ops.flowops
