@@ -1,6 +1,7 @@
 """Reversible recomputation: gradients equal ordinary backprop, drift checks, bounded memory, misuse errors."""
 import copy
 import json
+import statistics
 import warnings
 
 import pytest
@@ -401,6 +402,8 @@ def test_bench_reversible_quick(tmp_path):
     for g in data["gradients"]:
         assert g["max_rel"] <= data["targets"]["grad_rel_" + ("fp32" if g["dtype"] == "float32" else "fp64")]
     assert data["timing"]["ratio"] > 0 and data["config"]["baseline"] == "warm"
+    rounds = list(zip(data["timing"]["times_s"]["reversible"], data["timing"]["times_s"]["ordinary"]))
+    assert data["timing"]["paired_ratio"] == pytest.approx(statistics.median(r / o for r, o in rounds))
     by = {(r["mode"], r["steps"]): r for r in data["memory"]}
     k = max(data["config"]["depths"])
     assert by[("ordinary", k)]["saved_peak"] > by[("reversible", k)]["saved_peak"] > 0
