@@ -329,24 +329,26 @@ std::array<at::Tensor, 3> lu_weight_grads_loops(const at::Tensor& grad, const st
   return {g_lower, g_upper, g_log_s};
 }
 
-// Any other P (not a permutation matrix, other devices or dtypes): the factors as tensors and two matmuls.
+// The factors as tensors: L = tril(lower, -1) + I, U = triu(upper, 1) + diag(d), d = sign * exp(log_s). For
+// contiguous CPU float/double arguments L and U are written by loops (the values of the aten chain, without its
+// eight tiny eager ops; d always by the aten exp, so the reverse's triangular solves give
+// InvConv1x1.inverse_weight's W^-1 bit for bit); otherwise by that chain. Used for the inverse and for any other
+// P (not a permutation matrix, other devices or dtypes), with two matmuls.
 std::array<at::Tensor, 3> lu_factors(const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& sign,
                                      const at::Tensor& log_s) {
   auto d = sign * log_s.exp();
-  auto L = lower.tril(-1) + at::eye(lower.size(0), lower.options());
-  auto U = upper.triu(1) + at::diag(d);
-  return {L, U, d};
-}
-
-// lu_factors' (L, U, d) with L and U written by loops (the reverse's triangular solves run on them): the same
-// values as the aten chain (d by the same exp, so a solve gives InvConv1x1.inverse_weight's W^-1 bit for bit),
-// without its eight tiny eager ops. For the contiguous float/double arguments perm_rows accepts.
-std::array<at::Tensor, 3> lu_factors_loops(const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& sign,
-                                           const at::Tensor& log_s) {
+  const auto dt = lower.scalar_type();
+  const bool loops = (dt == at::kFloat || dt == at::kDouble) && upper.scalar_type() == dt &&
+                     d.scalar_type() == dt && lower.is_cpu() && upper.is_cpu() && lower.is_contiguous() &&
+                     upper.is_contiguous() && d.is_contiguous();
+  if (!loops) {
+    auto L = lower.tril(-1) + at::eye(lower.size(0), lower.options());
+    auto U = upper.triu(1) + at::diag(d);
+    return {L, U, d};
+  }
   const int64_t C = lower.size(0);
-  auto d = sign * log_s.exp();
   auto L = at::zeros_like(lower), U = at::zeros_like(upper);
-  AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "lu_factors", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dt, "lu_factors", [&] {
     const scalar_t* lo = lower.const_data_ptr<scalar_t>();
     const scalar_t* up = upper.const_data_ptr<scalar_t>();
     const scalar_t* dd = d.const_data_ptr<scalar_t>();
@@ -444,7 +446,7 @@ actnorm_invconv_reverse_cpu(const at::Tensor& y, const at::Tensor& grad_y, const
   const auto wld = log_s.sum();
   check_inputs(y, log_scale, bias, lower, wld);
   const auto rows = perm_rows(perm, lower, upper, sign, log_s);
-  auto [L, U, d] = rows.empty() ? lu_factors(lower, upper, sign, log_s) : lu_factors_loops(lower, upper, sign, log_s);
+  auto [L, U, d] = lu_factors(lower, upper, sign, log_s);
   const auto lo_solve = at::linalg_solve_triangular(L, perm.t(), /*upper=*/false, /*left=*/true,
                                                     /*unitriangular=*/true);
   const auto w_inv = at::linalg_solve_triangular(U, lo_solve, /*upper=*/true);

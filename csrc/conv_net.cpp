@@ -207,8 +207,8 @@ inline float hmax16(__m512 v) {
 }
 
 // The whole kink pass of one row for float with AVX-512 (K a multiple of 16): the same results as the generic
-// path in a third of the instructions. max_ps(0, z) is std::max(z, 0) bit for bit; one NaN mask instead of a
-// NaN-propagating max per vector; the smallest positive value stays a vector compared with 2 tau at once; the
+// path with fewer instructions per vector. max_ps(0, z) is std::max(z, 0) bit for bit; one NaN mask instead of
+// a NaN-propagating max per vector; the smallest positive value stays a vector compared with 2 tau at once; the
 // band tests give lane masks directly. The pass runs on every hidden unit of a recording or an application.
 inline void kink_row_avx512(float* r, const float* b, int64_t K, float tol, bool record, int64_t base,
                             std::vector<std::pair<int32_t, float>>* out) {
@@ -671,19 +671,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> conv_net
   }
   // recording keeps no activations (H1, H2 in the scratch slots; empty tensors returned)
   Forward f = forward_impl(x, weight_matrices(g, w1, w2, w3), b1, b2, b3, g, !kk.record, g.P ? &kk : nullptr);
-  std::vector<at::Tensor> rec;
-  if (kk.record && g.P) f.H1 = f.H2 = at::empty({0, g.K}, x.options());
-  if (g.P == 0) {
-    f.H1 = f.H2 = at::empty({0, g.K}, x.options());
-    if (kk.record) {
-      for (int l = 0; l < 2; ++l) {
-        kk.idx[l] = at::empty({0}, at::TensorOptions().dtype(at::kInt));
-        kk.val[l] = at::empty({0}, x.options());
-      }
-    }
+  if (kk.record || g.P == 0) f.H1 = f.H2 = at::empty({0, g.K}, x.options());
+  if (!kk.record) return {f.y, f.H1, f.H2, {}};
+  for (int l = 0; l < 2 && g.P == 0; ++l) {  // no rows: the pass never ran
+    kk.idx[l] = at::empty({0}, at::TensorOptions().dtype(at::kInt));
+    kk.val[l] = at::empty({0}, x.options());
   }
-  if (kk.record) rec = {kk.idx[0], kk.val[0], kk.idx[1], kk.val[1]};
-  return {f.y, f.H1, f.H2, rec};
+  return {f.y, f.H1, f.H2, {kk.idx[0], kk.val[0], kk.idx[1], kk.val[1]}};
 }
 
 std::vector<at::Tensor> conv_net_bwd_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& h1,

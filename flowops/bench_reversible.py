@@ -347,9 +347,13 @@ def main(argv=None) -> int:
     if args.checkpoints is not None and args.checkpoints < 0:
         print("flowops bench --op reversible: --checkpoints must be non-negative (0: none)", file=sys.stderr)
         return 2
-    if args.kink_tol is not None and not 0 < args.kink_tol < 0.5:
-        print("flowops bench --op reversible: --kink-tol must be in (0, 0.5)", file=sys.stderr)
-        return 2
+    if args.kink_tol is not None:
+        from .reversible import _check_kink_tol
+        try:
+            _check_kink_tol(args.kink_tol)
+        except ValueError as exc:
+            print(f"flowops bench --op reversible: --kink-tol: {exc}", file=sys.stderr)
+            return 2
     if args.bit_exact and args.micro_batch:
         print("flowops bench --op reversible: --bit-exact cannot be combined with --micro-batch", file=sys.stderr)
         return 2

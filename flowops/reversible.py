@@ -58,7 +58,7 @@ Rules and options:
   float32 gradients (3 - 4 flips make the 1e-4-level difference of a K = 32 Glow with stored inputs; without
   them 7e-7). The forward records, per hidden row, the units active within ``2 t`` of the row's largest value
   (index and value, a few KB per coupling); the recomputation clears the units within ``t`` and writes the
-  recorded ones back. It costs about 4 % of a reversible step. Glow's own conditioner on the C++ path only
+  recorded ones back. It costs 2 - 4 % of a reversible step. Glow's own conditioner on the C++ path only
   (``conv_net_fwd_kinks``); off with ``micro_batch`` and unnecessary with ``bit_exact``.
 * ``micro_batch=m`` runs each layer's recomputation and local backward on slices of ``m`` samples (the
   layers act on samples independently once ActNorm is initialized), which lowers the transient memory of
@@ -104,7 +104,7 @@ class _Block:
         return f"{self.name} ({type(self.module).__name__})"
 
     def _parameters(self):
-        return _module_parameters(self.module)
+        return list(self.module.parameters())
 
     def all_params(self):
         """Every parameter of the block (trainable or not), walked once."""
@@ -145,28 +145,6 @@ class _Block:
             xl = x.detach().requires_grad_(need_input_grad)
             y, ex, ld = self.forward(xl)
             return _grad([y, *ex, ld], [gy, *gextras, gld], xl if need_input_grad else None, params)
-
-
-def _module_parameters(module):
-    """``list(module.parameters())`` (same order: modules pre-order, each module's own parameters, shared ones
-    once) by a direct walk of ``_modules`` / ``_parameters``: the generator machinery of ``parameters()`` costs
-    about 15 us per layer, and the walk runs for every layer of every training step."""
-    out, seen, seen_mod = [], set(), set()
-
-    def walk(m):
-        if id(m) in seen_mod:
-            return
-        seen_mod.add(id(m))
-        for p in m._parameters.values():
-            if p is not None and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-        for c in m._modules.values():
-            if c is not None:
-                walk(c)
-
-    walk(module)
-    return out
 
 
 def _autograd(outs, gouts, inputs):
@@ -276,8 +254,8 @@ class _ActNormInvConvBlock(_Block):
     def label(self) -> str:
         return f"{self.name}.transforms.0-1 (ActNorm + InvConv1x1)"
 
-    def _parameters(self):
-        return [p for m in self.module.transforms[:2] for p in _module_parameters(m)]
+    def _parameters(self):  # once each, also when ActNorm and the 1x1 conv share one
+        return _unique(p for m in self.module.transforms[:2] for p in m.parameters())
 
     def forward(self, h):
         y, ld = self.module.norm_conv(h)
@@ -685,16 +663,13 @@ class _GradSlots:
                 self.views[j] = v
 
     def add(self, pairs):
-        """Write (or accumulate) ``(slot index, gradient)`` pairs; a slot may appear more than once."""
-        copy_dst, copy_src, add_dst, add_src, batch = [], [], [], [], set()
+        """Write (first time) or accumulate ``(slot index, gradient)`` pairs, one batched call each; a block's
+        parameters are distinct (:meth:`_Block.all_params`), so no slot comes twice in one call."""
+        copy_dst, copy_src, add_dst, add_src = [], [], [], []
         for j, g in pairs:
             v = self.views[j]
             if v is None:
                 continue
-            if j in batch:  # the same slot twice in one call: write what is queued first
-                self._flush(copy_dst, copy_src, add_dst, add_src)
-                copy_dst, copy_src, add_dst, add_src, batch = [], [], [], [], set()
-            batch.add(j)
             if self.written[j]:
                 add_dst.append(v)
                 add_src.append(g)
@@ -702,10 +677,6 @@ class _GradSlots:
                 copy_dst.append(v)
                 copy_src.append(g)
                 self.written[j] = True
-        self._flush(copy_dst, copy_src, add_dst, add_src)
-
-    @staticmethod
-    def _flush(copy_dst, copy_src, add_dst, add_src):
         if copy_dst:
             torch._foreach_copy_(copy_dst, copy_src)
         if add_dst:

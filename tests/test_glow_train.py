@@ -249,7 +249,7 @@ BAD = [
     (["--stored-inputs", "4"], "--stored-inputs needs --reversible"),
     (["--reversible", "--stored-inputs", "-1"], "--stored-inputs must be non-negative"),
     (["--kink-tol", "1e-3"], "--kink-tol needs --reversible"),
-    (["--reversible", "--kink-tol", "0.9"], "--kink-tol must be in"),
+    (["--reversible", "--kink-tol", "0.9"], "--kink-tol: reversible: kink_tol must be in"),
 ]
 
 

@@ -663,31 +663,33 @@ def test_rebuild_record_codec(dtype):
 
 
 def test_grad_slots_write_then_accumulate():
-    """The node's gradient buffer: views with the parameters' shapes, a first write copies, later ones add (also
-    for the same slot twice in one call), and slots never written come back None."""
+    """The node's gradient buffer: views with the parameters' shapes, a first write copies, later ones add, and
+    slots never written come back None."""
     from flowops.reversible import _GradSlots
     params = [torch.zeros(2, 3), torch.zeros(4), torch.zeros(1, dtype=torch.float64), torch.zeros(5)]
     slots = _GradSlots(params, [True, True, True, False])
     a, b = torch.arange(6.0).view(2, 3), torch.ones(4)
-    slots.add([(0, a), (1, b), (0, a), (3, torch.ones(5))])  # slot 0 twice in one call; slot 3 not needed
-    slots.add([(1, b), (2, torch.ones(1, dtype=torch.float64))])
+    slots.add([(0, a), (1, b), (3, torch.ones(5))])  # slot 3 not needed
+    slots.add([(0, a), (1, b), (2, torch.ones(1, dtype=torch.float64))])
     out = slots.result()
     assert torch.equal(out[0], 2 * a) and torch.equal(out[1], 2 * b)
     assert out[2].dtype == torch.float64 and out[2].item() == 1.0 and out[3] is None
     assert [tuple(o.shape) for o in out[:3]] == [(2, 3), (4,), (1,)]
 
 
-def test_module_parameters_match_torch_order_and_sharing():
-    from flowops.reversible import _module_parameters
-    lin = nn.Linear(3, 3)
-    seq = nn.Sequential(lin, nn.ReLU(), lin, nn.Linear(3, 2))  # a shared module
-    seq.tied = lin.weight  # and a shared parameter under another name
-    seq[3].weight.requires_grad_(False)
-    model = Glow((3, 8, 8), levels=2, steps=2, hidden=8)
-    for m in (seq, model, *model.modules()):
-        want = list(m.parameters())
-        got = _module_parameters(m)
-        assert len(got) == len(want) and all(p is q for p, q in zip(got, want))
+def test_glow_step_parameter_shared_by_actnorm_and_invconv():
+    """A parameter used by both halves of a GlowStep's ActNorm + 1x1 conv block is one input of the block (its
+    gradient once, the sum of both uses), as in ordinary backprop."""
+    from flowops.nn.glow import GlowStep
+    torch.manual_seed(0)
+    step = GlowStep(4, hidden=8).double()
+    with torch.no_grad():
+        step.transforms[0].initialized.fill_(True)
+    step.transforms[1].log_s = step.transforms[0].log_scale  # tied
+    _perturb(step, 0.05)
+    rev = ReversibleSequential(copy.deepcopy(step))
+    ordinary = Compose(step)
+    _compare(ordinary, rev, torch.randn(3, 4, 5, 5, dtype=torch.float64), torch.float64)
 
 
 def test_drift_error_measure():
