@@ -223,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
                         "0: none; memory independent of depth, rebuilds restart from them)")
     p.add_argument("--kink-tol", dest="kink_tol", type=float, default=None, metavar="T",
                    help="with --reversible: ReLU-kink records (kink_tol=T, e.g. 1e-3): float32 gradients closer to "
-                        "ordinary backprop's for 2-4%% of step time")
+                        "ordinary backprop's for a few %% of step time")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                    help="parameter and data dtype (default float32; float64 for exactness checks)")
     p.add_argument("--backend", default="auto", choices=_backend.BACKENDS,

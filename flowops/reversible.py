@@ -58,8 +58,8 @@ Rules and options:
   float32 gradients (3 - 4 flips make the 1e-4-level difference of a K = 32 Glow with stored inputs; without
   them 7e-7). The forward records, per hidden row, the units active within ``2 t`` of the row's largest value
   (index and value, a few KB per coupling); the recomputation clears the units within ``t`` and writes the
-  recorded ones back. It costs 2 - 4 % of a reversible step. Glow's own conditioner on the C++ path only
-  (``conv_net_fwd_kinks``); off with ``micro_batch`` and unnecessary with ``bit_exact``.
+  recorded ones back. It costs a few % of a reversible step (bench/RESULTS.md). Glow's own conditioner on the
+  C++ path only (``conv_net_fwd_kinks``); off with ``micro_batch`` and unnecessary with ``bit_exact``.
 * ``micro_batch=m`` runs each layer's recomputation and local backward on slices of ``m`` samples (the
   layers act on samples independently once ActNorm is initialized), which lowers the transient memory of
   the one live layer for a small cost in speed; gradients are unchanged up to summation order.
