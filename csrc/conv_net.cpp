@@ -496,14 +496,16 @@ at::Tensor im2col(const at::Tensor& x, const Geom& g, int slot) {
 }
 
 // keep: H1 and H2 are fresh tensors for the backward; otherwise (no gradient) they live in the scratch slots.
+// out: (y, H1, H2) written into these (checked by the caller) instead (keep implied).
 Forward forward_impl(const at::Tensor& x, const Weights& m, const at::Tensor& b1, const at::Tensor& b2,
-                     const at::Tensor& b3, const Geom& g, bool keep, Kinks* kinks = nullptr) {
+                     const at::Tensor& b3, const Geom& g, bool keep, Kinks* kinks = nullptr,
+                     const Forward* out = nullptr) {
   const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
   Forward f;
-  f.y = at::empty({g.N, g.O, g.H, g.W}, opts);
+  f.y = out ? out->y : at::empty({g.N, g.O, g.H, g.W}, opts);
   if (g.P == 0) return f;
   const at::Tensor col = im2col(x, g, 0);
-  f.H1 = keep ? pooled(g.P, g.K, opts) : scratch(1, g.P, g.K, opts);
+  f.H1 = out ? out->H1 : keep ? pooled(g.P, g.K, opts) : scratch(1, g.P, g.K, opts);
   const auto bb1 = b1.contiguous(), bb2 = b2.contiguous(), bb3 = b3.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_net_fwd", [&] {
     gemm_nn(f.H1, col, m.W1, 0);
@@ -512,14 +514,14 @@ Forward forward_impl(const at::Tensor& x, const Weights& m, const at::Tensor& b1
     } else {
       bias_relu<scalar_t>(f.H1.mutable_data_ptr<scalar_t>(), bb1.const_data_ptr<scalar_t>(), g.P, g.K);
     }
-    f.H2 = keep ? pooled(g.P, g.K, opts) : scratch(0, g.P, g.K, opts);  // col is dead
+    f.H2 = out ? out->H2 : keep ? pooled(g.P, g.K, opts) : scratch(0, g.P, g.K, opts);  // col is dead
     gemm_nt(f.H2, f.H1, m.W2);
     if (kinks) {
       bias_relu_kinks<scalar_t>(f.H2.mutable_data_ptr<scalar_t>(), bb2.const_data_ptr<scalar_t>(), g.P, g.K, *kinks, 1);
     } else {
       bias_relu<scalar_t>(f.H2.mutable_data_ptr<scalar_t>(), bb2.const_data_ptr<scalar_t>(), g.P, g.K);
     }
-    auto G = keep ? scratch(0, g.P, 9 * g.O, opts) : scratch(1, g.P, 9 * g.O, opts);  // col or H1: dead
+    auto G = (keep || out) ? scratch(0, g.P, 9 * g.O, opts) : scratch(1, g.P, 9 * g.O, opts);  // col or H1: dead
     gemm_nn(G, f.H2, m.W3, 0);
     scatter_taps<scalar_t>(f.y.mutable_data_ptr<scalar_t>(), G.const_data_ptr<scalar_t>(),
                            bb3.const_data_ptr<scalar_t>(), g, g.O, 1);
@@ -527,13 +529,23 @@ Forward forward_impl(const at::Tensor& x, const Weights& m, const at::Tensor& b1
   return f;
 }
 
-// Gradients (x, w1, b1, w2, b2, w3, b3); gx undefined unless need_x.
+// Gradients (x, w1, b1, w2, b2, w3, b3); gx undefined unless need_x. With `into` (six contiguous tensors of the
+// parameters' shapes, checked by the caller) the parameter gradients are written there and returned as those
+// tensors; otherwise they are fresh.
 std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x, const Forward& f, const Weights& m,
-                                      const Geom& g, bool need_x) {
+                                      const Geom& g, bool need_x, at::TensorList into = {}) {
   const auto opts = gy.options().memory_format(at::MemoryFormat::Contiguous);
+  const bool dst = !into.empty();
   std::vector<at::Tensor> out(7);
+  if (dst) {
+    for (int i = 0; i < 6; ++i) out[i + 1] = into[i];
+  }
   if (g.P == 0) {
     out[0] = need_x ? at::zeros({g.N, g.C, g.H, g.W}, opts) : at::Tensor();
+    if (dst) {
+      for (int i = 1; i < 7; ++i) out[i].zero_();
+      return out;
+    }
     out[1] = at::zeros({g.K, g.C, 3, 3}, opts);
     out[2] = at::zeros({g.K}, opts);
     out[3] = at::zeros({g.K, g.K, 1, 1}, opts);
@@ -542,10 +554,18 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
     out[6] = at::zeros({g.O}, opts);
     return out;
   }
+  // a column sum into its destination (the same kernel either way)
+  auto col_sum = [&](int i, const at::Tensor& a) {
+    if (dst) {
+      at::sum_out(out[i], a, 0);
+    } else {
+      out[i] = a.sum(0);
+    }
+  };
   const at::Tensor gr = rows_of(gy, g);
-  out[6] = gr.sum(0);
+  col_sum(6, gr);
   auto dW3 = at::empty({g.K, 9 * g.O}, opts);
-  auto dW2 = at::empty({g.K, g.K}, opts);
+  auto dW2 = dst ? out[3].view({g.K, g.K}) : at::empty({g.K, g.K}, opts);
   auto dW1 = at::empty({9 * g.C, g.K}, opts);
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "conv_net_bwd", [&] {
     // temporaries in the two scratch slots, each reused once its previous contents are dead
@@ -555,12 +575,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
     auto dA2 = scratch(1, g.P, g.K, opts);
     gemm_nt(dA2, dcol3, m.W3);
     relu_mask<scalar_t>(dA2.mutable_data_ptr<scalar_t>(), f.H2.const_data_ptr<scalar_t>(), dA2.numel());
-    out[4] = dA2.sum(0);
+    col_sum(4, dA2);
     gemm_tn_split_k(dW2, dA2, f.H1);
     auto dA1 = scratch(0, g.P, g.K, opts);  // dcol3 is dead
     gemm_nn(dA1, dA2, m.W2, 0);
     relu_mask<scalar_t>(dA1.mutable_data_ptr<scalar_t>(), f.H1.const_data_ptr<scalar_t>(), dA1.numel());
-    out[2] = dA1.sum(0);
+    col_sum(2, dA1);
     // col rebuilt (x is kept anyway: the coupling's pass-through half) in dA2's slot; dcol after it in the same
     gemm_tn_split_k(dW1, im2col(x, g, 1), dA1);
     if (need_x) {
@@ -571,13 +591,15 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& x,
                              -1);
     }
   });
-  out[1] = at::empty({g.K, g.C, 3, 3}, opts);
-  out[5] = at::empty({g.O, g.K, 3, 3}, opts);
+  if (!dst) {
+    out[1] = at::empty({g.K, g.C, 3, 3}, opts);
+    out[5] = at::empty({g.O, g.K, 3, 3}, opts);
+  }
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "conv_net_weight_grads", [&] {
     rearrange<scalar_t>(out[1].data_ptr<scalar_t>(), dW1.data_ptr<scalar_t>(), g.K, g.C, 1, g.K, g.C * g.K, false);
     rearrange<scalar_t>(out[5].data_ptr<scalar_t>(), dW3.data_ptr<scalar_t>(), g.O, g.K, 1, 9 * g.O, g.O, false);
   });
-  out[3] = dW2.view({g.K, g.K, 1, 1});
+  if (!dst) out[3] = dW2.view({g.K, g.K, 1, 1});
   return out;
 }
 
@@ -639,6 +661,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_net_fwd_cpu(const at::Tensor
   return {f.y, f.H1, f.H2};
 }
 
+// conv_net_fwd writing y, H1 and H2 into the given tensors (contiguous, x's dtype and device, shapes [N, O, H, W],
+// [P, K], [P, K]; the reversible engine's kept activations, views of a buffer of the activation pool); returns
+// nothing.
+void conv_net_fwd_into_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                           const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& y,
+                           const at::Tensor& h1, const at::Tensor& h2) {
+  const Geom g = check(x, w1, b1, w2, b2, w3, b3);
+  const std::vector<int64_t> ys{g.N, g.O, g.H, g.W}, hs{g.P, g.K};
+  for (const auto* t : {&y, &h1, &h2}) {
+    const auto& want = t == &y ? ys : hs;
+    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(want) && t->is_contiguous() &&
+                          t->scalar_type() == x.scalar_type() && t->device() == x.device(),
+                      "flowops.conv_net_fwd_into: ", t == &y ? "y" : "h1 and h2", " must be contiguous ",
+                      at::IntArrayRef(want), " tensors of x's dtype and device, got ", t->sizes());
+  }
+  const Forward out{y, h1, h2};
+  forward_impl(x, weight_matrices(g, w1, w2, w3), b1, b2, b3, g, true, nullptr, &out);
+}
+
+// A [rows, cols] buffer of the activation pool (a freed buffer of that size when there is one; 256 KB and more),
+// for callers that lay out several activations in one (the reversible engine's kept activations); its memory goes
+// back to the pool when freed.
+at::Tensor conv_net_pooled(int64_t rows, int64_t cols, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "flowops.conv_net_pooled: sizes must be non-negative, got ", rows, ", ",
+                    cols);
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble, "flowops.conv_net_pooled: dtype must be float32 or "
+                    "float64, got ", dtype);
+  return pooled(rows, cols, at::TensorOptions().dtype(dtype));
+}
+
 // conv_net_fwd with ReLU-kink records (see Kinks): with `apply` empty it records them ([idx1, val1, idx2, val2]
 // returned; h1 and h2 come back empty); with `apply` = those four tensors it applies them to this recomputation
 // (h1 and h2 as conv_net_fwd returns them, nothing else).
@@ -680,10 +732,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> conv_net
   return {f.y, f.H1, f.H2, {kk.idx[0], kk.val[0], kk.idx[1], kk.val[1]}};
 }
 
-std::vector<at::Tensor> conv_net_bwd_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& h1,
-                                         const at::Tensor& h2, const at::Tensor& w1, const at::Tensor& b1,
-                                         const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3,
-                                         const at::Tensor& b3, bool need_x) {
+std::vector<at::Tensor> conv_net_bwd_checked(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& h1,
+                                             const at::Tensor& h2, const at::Tensor& w1, const at::Tensor& b1,
+                                             const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3,
+                                             const at::Tensor& b3, bool need_x, at::TensorList into) {
   const Geom g = check(x, w1, b1, w2, b2, w3, b3);
   for (const auto* t : {&h1, &h2}) {
     TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == g.P && t->size(1) == g.K && t->is_contiguous() &&
@@ -695,9 +747,36 @@ std::vector<at::Tensor> conv_net_bwd_cpu(const at::Tensor& gy, const at::Tensor&
                     "flowops.conv_net_bwd: grad_y must be [", g.N, ", ", g.O, ", ", g.H, ", ", g.W, "] of x's dtype, "
                     "got ", gy.sizes(), " ", gy.scalar_type());
   Forward f{at::Tensor(), h1, h2};
-  auto out = backward_impl(gy, x, f, weight_matrices(g, w1, w2, w3), g, need_x);
+  auto out = backward_impl(gy, x, f, weight_matrices(g, w1, w2, w3), g, need_x, into);
   if (!out[0].defined()) out[0] = at::empty({0}, x.options());
   return out;
+}
+
+std::vector<at::Tensor> conv_net_bwd_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& h1,
+                                         const at::Tensor& h2, const at::Tensor& w1, const at::Tensor& b1,
+                                         const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3,
+                                         const at::Tensor& b3, bool need_x) {
+  return conv_net_bwd_checked(gy, x, h1, h2, w1, b1, w2, b2, w3, b3, need_x, {});
+}
+
+// conv_net_bwd writing the six parameter gradients into `grads` (contiguous tensors of w1, b1, w2, b2, w3, b3's
+// shapes and x's dtype and device, overwritten: the reversible engine's gradient buffer, so the gradients need no
+// allocation and no copy); returns the gradient of x (empty when need_x is false).
+at::Tensor conv_net_bwd_into_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& h1, const at::Tensor& h2,
+                                 const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                                 const at::Tensor& w3, const at::Tensor& b3, bool need_x, at::TensorList grads) {
+  TORCH_CHECK_VALUE(grads.size() == 6, "flowops.conv_net_bwd_into: grads must be six tensors (w1, b1, w2, b2, w3, "
+                    "b3), got ", grads.size());
+  const at::Tensor* params[6] = {&w1, &b1, &w2, &b2, &w3, &b3};
+  for (int i = 0; i < 6; ++i) {
+    const auto& d = grads[i];
+    TORCH_CHECK_VALUE(d.sizes() == params[i]->sizes() && d.is_contiguous() && d.scalar_type() == x.scalar_type() &&
+                          d.device() == x.device(),
+                      "flowops.conv_net_bwd_into: grads[", i, "] must be a contiguous ", params[i]->sizes(),
+                      " tensor of x's dtype and device, got ", d.sizes(), " ", d.scalar_type());
+  }
+  auto out = conv_net_bwd_checked(gy, x, h1, h2, w1, b1, w2, b2, w3, b3, need_x, grads);
+  return out[0];
 }
 
 }  // namespace
@@ -710,6 +789,11 @@ TORCH_LIBRARY_FRAGMENT(flowops, m) {
         "Tensor[] apply) -> (Tensor, Tensor, Tensor, Tensor[])");
   m.def("conv_net_bwd(Tensor grad_y, Tensor x, Tensor h1, Tensor h2, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
         "Tensor w3, Tensor b3, bool need_x) -> Tensor[]");
+  m.def("conv_net_bwd_into(Tensor grad_y, Tensor x, Tensor h1, Tensor h2, Tensor w1, Tensor b1, Tensor w2, "
+        "Tensor b2, Tensor w3, Tensor b3, bool need_x, Tensor(a!)[] grads) -> Tensor");
+  m.def("conv_net_fwd_into(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, "
+        "Tensor(a!) y, Tensor(b!) h1, Tensor(c!) h2) -> ()");
+  m.def("conv_net_pooled(int rows, int cols, ScalarType dtype) -> Tensor", &conv_net_pooled);
   m.def("conv_net_empty_cache() -> int", [] { return pool().clear(); });
   m.def("conv_net_cached_bytes() -> int", [] { return pool().held(); });
 }
@@ -719,6 +803,8 @@ TORCH_LIBRARY_IMPL(flowops, CPU, m) {
   m.impl("conv_net_fwd", &conv_net_fwd_cpu);
   m.impl("conv_net_fwd_kinks", &conv_net_fwd_kinks_cpu);
   m.impl("conv_net_bwd", &conv_net_bwd_cpu);
+  m.impl("conv_net_bwd_into", &conv_net_bwd_into_cpu);
+  m.impl("conv_net_fwd_into", &conv_net_fwd_into_cpu);
 }
 
 TORCH_LIBRARY_IMPL(flowops, Autograd, m) {

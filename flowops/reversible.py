@@ -104,7 +104,7 @@ class _Block:
         return f"{self.name} ({type(self.module).__name__})"
 
     def _parameters(self):
-        return list(self.module.parameters())
+        return _module_params(self.module)
 
     def all_params(self):
         """Every parameter of the block (trainable or not), walked once."""
@@ -254,8 +254,11 @@ class _ActNormInvConvBlock(_Block):
     def label(self) -> str:
         return f"{self.name}.transforms.0-1 (ActNorm + InvConv1x1)"
 
+    _own_ok = None
+
     def _parameters(self):  # once each, also when ActNorm and the 1x1 conv share one
-        return _unique(p for m in self.module.transforms[:2] for p in m.parameters())
+        ts = self.module.transforms
+        return _unique(p for m in (ts[0], ts[1]) for p in _module_params(m))
 
     def forward(self, h):
         y, ld = self.module.norm_conv(h)
@@ -271,8 +274,10 @@ class _ActNormInvConvBlock(_Block):
         step = self.module
         an, ic = step.transforms[0], step.transforms[1]
         own = (an.log_scale, an.bias, ic.lower, ic.upper, ic.log_s)
-        if (not _direct(y) or not _has_ops("actnorm_invconv_reverse", "rebuild_apply")
-                or len({id(p) for p in own}) != len(own) or {id(p) for p in self.all_params()} != set(map(id, own))):
+        if self._own_ok is None:  # the five parameters distinct and the block's only ones (checked once)
+            self._own_ok = (len({id(p) for p in own}) == len(own)
+                            and {id(p) for p in self.all_params()} == set(map(id, own)))
+        if not self._own_ok or not _direct(y) or not _has_ops("actnorm_invconv_reverse", "rebuild_apply"):
             return super().backprop(y, extras, gy, gextras, gld, params, need_input_grad, fix)
         ops = torch.ops.flowops
         with torch.no_grad():
@@ -303,6 +308,67 @@ class _CouplingBlock(_Block):
     conditioner's output, with no second coupling forward and no autograd graph around it. Glow's own
     conditioner (:func:`flowops.nn.conv_net`) then runs as two plain calls as well (``conv_net_fwd`` keeps its
     hidden activations for ``conv_net_bwd``); any other conditioner is backpropagated by autograd."""
+
+    _plan = None  # (kernel, conv_net weights) found once per block (a block lives for one forward and backward)
+
+    def _direct_plan(self, y):
+        """``(kernel, w)``: :meth:`_coupling_kernel` and, with it, :meth:`_conv_net`'s weights (else None), found on
+        the first call (the forward's or the backward's input: same dtype and device) and kept."""
+        plan = self._plan
+        if plan is None:
+            kernel = self._coupling_kernel(y)
+            w = self._conv_net(y[:, self.module._pass]) if kernel is not None else None
+            plan = self._plan = (kernel, w)
+        return plan
+
+    def forward(self, h):
+        """The layer's forward; on the direct path with Glow's conditioner the two C++ ops the module's own forward
+        reaches (``conv_net``, then the coupling op), called without the module machinery in between (same values,
+        bit for bit), when the layer has no hooks and does not override its forward."""
+        t = self.module
+        kernel, w = self._direct_plan(h) if _plain_forward(t) else (None, None)
+        if w is None:
+            return super().forward(h)
+        t._check(h)
+        ops = torch.ops.flowops
+        xp, xt = h[:, t._pass], h[:, t._trans]
+        cond = ops.conv_net(xp, *w)
+        if cond.shape[1] != t.cond_out:
+            raise ValueError(f"{type(t).__name__}: conditioner returned {cond.shape[1]} channels along dim 1, "
+                             f"expected {t.cond_out}")
+        yt, ld = ops.affine_coupling(xt, cond, None, kernel[0], kernel[1], False)
+        return t._join(xp, yt), (), ld
+
+    def activation_bytes(self, h) -> int:
+        """Bytes of Glow's conditioner hidden activations on input ``h`` (the pair ``conv_net_fwd`` keeps for
+        ``conv_net_bwd``, what the backward walk holds while it takes this layer's gradients) when the direct path
+        with that conditioner applies, else 0."""
+        t = self.module
+        if not _plain_forward(t):
+            return 0
+        w = self._direct_plan(h)[1]
+        if w is None:
+            return 0
+        pixels = h.shape[0] * math.prod(h.shape[2:])
+        return 2 * w[0].shape[0] * pixels * h.element_size()
+
+    def forward_keep(self, h, keep):
+        """:meth:`forward` (same values) keeping the conditioner's output and hidden activations for the backward,
+        which then skips this layer's recomputation, in space :class:`_Kept` lays out (``act`` None when it has
+        none left); only where :meth:`activation_bytes` is nonzero."""
+        t = self.module
+        kernel, w = self._direct_plan(h)
+        t._check(h)
+        pixels = h.shape[0] * math.prod(h.shape[2:])
+        act = keep.alloc(((h.shape[0], t.cond_out, *h.shape[2:]), (pixels, w[0].shape[0]), (pixels, w[0].shape[0])),
+                         h.dtype)
+        if act is None:
+            return (*self.forward(h), None)
+        ops = torch.ops.flowops
+        xp, xt = h[:, t._pass], h[:, t._trans]
+        ops.conv_net_fwd_into(xp, *w, *act)
+        yt, ld = ops.affine_coupling(xt, act[0], None, kernel[0], kernel[1], False)
+        return t._join(xp, yt), (), ld, act
 
     def _coupling_kernel(self, y):
         """``(scale, clamp)`` of the coupling op when the direct path applies, else None."""
@@ -349,25 +415,26 @@ class _CouplingBlock(_Block):
         layers (``conv_net_fwd_kinks``: the units within ``2 * tol`` of their row's largest value above the kink),
         else None."""
         t = self.module
-        kernel = self._coupling_kernel(h)
-        w = self._conv_net(h[:, t._pass]) if kernel is not None and _has_ops("conv_net_fwd_kinks") else None
-        if w is None:
+        kernel, w = self._direct_plan(h)
+        if w is None or not _has_ops("conv_net_fwd_kinks"):
             return (*self.forward(h), None)
         xp, xt = h[:, t._pass], h[:, t._trans]
         cond, _, _, rec = torch.ops.flowops.conv_net_fwd_kinks(xp, *w, tol, [])  # recording keeps no activations
         yt, ld = t._couple(xt, cond, False, None)
         return t._join(xp, yt), (), ld, tuple(rec)
 
-    def _backprop_direct(self, kernel, y, gy, gld, params, need_input_grad, fix, kinks=None):
+    def _backprop_direct(self, kernel, y, gy, gld, params, need_input_grad, fix, kinks=None, into=None, kept=None):
         t = self.module
         ops = torch.ops.flowops
         scale, clamp = kernel
         yp, yt = y[:, t._pass], y[:, t._trans]
         gyt = gy[:, t._trans].to(y.dtype)
-        w = self._conv_net(yp)
+        w = self._direct_plan(y)[1]
         with torch.no_grad():
             if w is not None:
-                if kinks is not None:
+                if kept is not None:  # the forward's own activations (forward_keep): no recomputation
+                    cond, h1, h2 = kept
+                elif kinks is not None:
                     cond, h1, h2, _ = ops.conv_net_fwd_kinks(yp, *w, kinks[0], list(kinks[1]))
                 else:
                     cond, h1, h2 = ops.conv_net_fwd(yp, *w)
@@ -383,11 +450,18 @@ class _CouplingBlock(_Block):
             gxt, gcond = ops.affine_coupling_bwd(gyt, _zeros_ld(gld, y), xt, cond, None, scale, clamp, False)
             if w is not None:
                 held = _meter_hold(h1, h2)  # what autograd would have saved for the conditioner's backward
-                g = ops.conv_net_bwd(gcond, yp, h1, h2, w[0], w[1], w[2], w[3], w[4], w[5], need_input_grad)
+                dst = into(w) if into is not None and _has_ops("conv_net_bwd_into") else None
+                if dst is not None:  # straight into the engine's gradient buffer: reported as None here
+                    gxp_c = ops.conv_net_bwd_into(gcond, yp, h1, h2, w[0], w[1], w[2], w[3], w[4], w[5],
+                                                  need_input_grad, dst)
+                    gp = [None] * len(params)
+                else:
+                    g = ops.conv_net_bwd(gcond, yp, h1, h2, w[0], w[1], w[2], w[3], w[4], w[5], need_input_grad)
+                    by_id = dict(zip(map(id, w), g[1:]))
+                    gp = [by_id[id(p)] for p in params]
+                    gxp_c = g[0]
                 del h1, h2, held
-                by_id = dict(zip(map(id, w), g[1:]))
-                gp = [by_id[id(p)] for p in params]
-                gxp_c = g[0] if need_input_grad else None
+                gxp_c = gxp_c if need_input_grad else None
         if w is None:
             inputs = ([xp] if need_input_grad else []) + list(params)
             grads = _autograd((cond_g,), (gcond,), inputs) or [None] * len(inputs)
@@ -400,12 +474,16 @@ class _CouplingBlock(_Block):
         gx = t._join(gxp, gxt)
         return x, gx, gp
 
-    def backprop(self, y, extras, gy, gextras, gld, params, need_input_grad, fix=None, kinks=None):
+    def backprop(self, y, extras, gy, gextras, gld, params, need_input_grad, fix=None, kinks=None, into=None,
+                 kept=None):
+        """``into`` (the walk's :meth:`_GradSlots.take`): Glow's conditioner on the direct path writes its parameter
+        gradients straight into the slots it hands out, and reports None for them. ``kept``: the activations
+        :meth:`forward_keep` kept (used instead of a recomputation)."""
         t = self.module
         y = y.detach()
-        kernel = self._coupling_kernel(y)
+        kernel = self._direct_plan(y)[0]
         if kernel is not None:
-            return self._backprop_direct(kernel, y, gy, gld, params, need_input_grad, fix, kinks)
+            return self._backprop_direct(kernel, y, gy, gld, params, need_input_grad, fix, kinks, into, kept)
         if t.mask is None:
             yp, yt = y[:, t._pass], y[:, t._trans]
             with torch.enable_grad():
@@ -442,6 +520,17 @@ class _CouplingBlock(_Block):
         if grads[0] is not None:
             gx = gx + grads[0]
         return x.detach(), gx, list(grads[2:])
+
+
+def _plain_forward(module) -> bool:
+    """True when calling the coupling ``module`` runs :class:`~flowops.nn.coupling._Coupling`'s own forward and
+    nothing else: no module hooks (its own or global) and no override of ``forward`` / ``_run``."""
+    from torch.nn.modules import module as mod
+    from .nn.coupling import AffineCoupling, _Coupling
+    return (type(module).forward is _Coupling.forward and type(module)._run in (_Coupling._run, AffineCoupling._run)
+            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                     or module._backward_pre_hooks or mod._global_forward_hooks or mod._global_forward_pre_hooks
+                     or mod._global_backward_hooks or mod._global_backward_pre_hooks))
 
 
 def _exact_kinds():
@@ -517,6 +606,26 @@ def _unique(params):
     return out
 
 
+def _module_params(module):
+    """``list(module.parameters())``: the same parameters in the same order (each module once, pre-order, its own
+    parameters in registration order, each parameter once), by a plain walk of ``_modules`` / ``_parameters``
+    without ``named_parameters``' name bookkeeping (the engine collects every layer's parameters each step)."""
+    out, seen_p, seen_m = [], set(), set()
+
+    def walk(m):
+        seen_m.add(id(m))
+        for q in m._parameters.values():
+            if q is not None and id(q) not in seen_p:
+                seen_p.add(id(q))
+                out.append(q)
+        for c in m._modules.values():
+            if c is not None and id(c) not in seen_m:
+                walk(c)
+
+    walk(module)
+    return out
+
+
 class _Engine:
     """Runs a list of blocks as one autograd node (not an nn.Module: it only references the layers)."""
 
@@ -536,6 +645,12 @@ class _Engine:
         self.drift_tol = drift_tol
         self.on_drift = on_drift
         self.check_drift = check_drift
+
+    def keeps(self) -> bool:
+        """Whether the forward keeps small layers' conditioner activations (:class:`_Kept`): not with bit-exact
+        rebuilds, kink records or micro-batches (their backward recomputes anyway)."""
+        return KEEP_SMALL and not (self.bit_exact or self.kink_tol or self.micro_batch) and _has_ops(
+            "conv_net_fwd_into", "conv_net_pooled")
 
     def plain(self, x):
         total, extras = None, []
@@ -608,6 +723,61 @@ class _Engine:
         return err
 
 
+# The forward keeps the conditioner activations of layers whose hidden activations are at most 1/KEEP_FRACTION of
+# the largest layer's, in buffers of the activation pool, up to (1 - 1/KEEP_FRACTION) of the largest layer's in
+# total (see _Kept).
+KEEP_SMALL = True
+KEEP_FRACTION = 8
+_ALIGN = 16  # elements: each kept tensor starts on a 64-byte boundary (float32)
+
+
+class _Kept:
+    """Conditioner activations the forward keeps for the backward, so that those layers skip their recomputation.
+
+    The backward walk holds one layer's hidden activations at a time, so its peak is set by the largest layer
+    (Glow's first level), whose two hidden buffers come from conv_net's activation pool. Layers whose activations
+    are small next to that (at most 1/KEEP_FRACTION of the largest seen) keep theirs (output and hidden pair) from
+    the forward, laid out in buffers of the largest layer's hidden size taken from that pool, as many whole
+    buffers as fit in 1 - 1/KEEP_FRACTION of the largest layer's hidden bytes (one, for Glow); the rest is left for
+    what else is alive at the end of the forward (the stack's outputs, what the layers after it save). The walk
+    meets the kept layers before the large ones, and once their last view is dropped the buffer goes back to the
+    pool, where the large layer's recomputation takes it again: neither the peak of kept activations nor the
+    resident memory grows, and the amount is fixed, not growing with depth. In Glow this keeps the first steps of
+    the top level."""
+
+    def __init__(self):
+        self.acts = {}  # layer index -> ((output, h1, h2), meter handles)
+        self.largest = 0  # hidden bytes of the largest layer seen
+        self.chunks = []  # [flat buffer, elements used]
+        self.chunk_elems = 0
+
+    def wants(self, nbytes: int) -> bool:
+        if nbytes <= 0:
+            return False
+        self.largest = max(self.largest, nbytes)
+        return nbytes * KEEP_FRACTION <= self.largest
+
+    def alloc(self, shapes, dtype):
+        """Views of the given shapes laid out in a pool buffer, or None when they do not fit the budget."""
+        sizes = [math.prod(sh) for sh in shapes]
+        need = sum(-(-n // _ALIGN) * _ALIGN for n in sizes)
+        item = torch.empty((), dtype=dtype).element_size()
+        chunk = self.largest // 2 // item  # one hidden buffer of the largest layer
+        budget = self.largest - self.largest // KEEP_FRACTION
+        if not self.chunks or self.chunks[-1][0].dtype != dtype or self.chunks[-1][1] + need > self.chunk_elems:
+            if need > chunk or (len(self.chunks) + 1) * chunk * item > budget:
+                return None
+            self.chunks.append([torch.ops.flowops.conv_net_pooled(1, chunk, dtype).view(-1), 0])
+            self.chunk_elems = chunk
+        flat, used = self.chunks[-1]
+        views = []
+        for sh, n in zip(shapes, sizes):
+            views.append(flat[used:used + n].view(sh))
+            used += -(-n // _ALIGN) * _ALIGN
+        self.chunks[-1][1] = used
+        return tuple(views)
+
+
 def _rel_err(a, b) -> float:
     """max|a - b| / max(max|b|, 1), computed in a's precision (float32 for half types: no overflow), one sync."""
     if not a.numel():
@@ -619,13 +789,17 @@ def _rel_err(a, b) -> float:
     return d / max(scale, 1.0)
 
 
-def _backprop_chunked(b, h, ex, gh, gex, gld, params, need_x, micro_batch, fix=None, kinks=None):
+def _backprop_chunked(b, h, ex, gh, gex, gld, params, need_x, micro_batch, fix=None, kinks=None, into=None,
+                      kept=None):
     """``b.backprop`` over slices of ``micro_batch`` samples (layers act on each sample independently); ``fix``
-    (a bit-exact record) and ``kinks`` (a coupling's ReLU-kink records) only without slices (the engine does
-    not combine them with micro_batch)."""
+    (a bit-exact record), ``kinks`` (a coupling's ReLU-kink records), ``into`` (gradients written into the
+    walk's buffer) and ``kept`` (activations kept by the forward) only without slices (the engine does not
+    combine records or kept activations with micro_batch)."""
     n = h.shape[0]
     if not micro_batch or n <= micro_batch:
-        return b.backprop(h, ex, gh, gex, gld, params, need_x, fix, *(() if kinks is None else (kinks,)))
+        if isinstance(b, _CouplingBlock):
+            return b.backprop(h, ex, gh, gex, gld, params, need_x, fix, kinks, into, kept)
+        return b.backprop(h, ex, gh, gex, gld, params, need_x, fix)
     xs, gxs, gps = [], [], [None] * len(params)
     for s in range(0, n, micro_batch):
         sl = slice(s, s + micro_batch)
@@ -650,6 +824,7 @@ class _GradSlots:
     with one ``_foreach_copy_`` / ``_foreach_add_`` each (a Glow K=32 step writes about a thousand)."""
 
     def __init__(self, params, needed):
+        self.index = {id(p): j for j, p in enumerate(params)}
         self.views = [None] * len(params)
         self.written = [False] * len(params)
         groups: dict = {}
@@ -682,6 +857,20 @@ class _GradSlots:
         if add_dst:
             torch._foreach_add_(add_dst, add_src)
 
+    def take(self, ps):
+        """The slots of the distinct parameters ``ps`` to be written in place (marked written), or None when one
+        is not an input of the node, needs no gradient or was written already (then the caller's gradients go
+        through :meth:`add`)."""
+        idx = [self.index.get(id(p)) for p in ps]
+        if None in idx or len(set(idx)) != len(idx):
+            return None
+        views = [self.views[j] for j in idx]
+        if any(v is None for v in views) or any(self.written[j] for j in idx):
+            return None
+        for j in idx:
+            self.written[j] = True
+        return views
+
     def result(self):
         return [v if w else None for v, w in zip(self.views, self.written)]
 
@@ -692,6 +881,7 @@ class _ReversibleFunction(torch.autograd.Function):
         ckpt = engine.checkpoint_indices()
         stored, fixes, kinks = {}, {}, {}
         h, total, extras = x, None, []
+        keep = _Kept() if engine.keeps() else None
         with torch.no_grad():
             for i, b in enumerate(engine.blocks):
                 if i in ckpt:
@@ -704,6 +894,10 @@ class _ReversibleFunction(torch.autograd.Function):
                     h, ex, ld, rec = b.forward_kinks(h, engine.kink_tol)
                     if rec is not None:
                         kinks[i] = rec
+                elif keep is not None and isinstance(b, _CouplingBlock) and keep.wants(b.activation_bytes(h)):
+                    h, ex, ld, act = b.forward_keep(h, keep)
+                    if act is not None:
+                        keep.acts[i] = (act, _meter_hold(*act))
                 else:
                     h, ex, ld = b.forward(h)
                 extras.extend(ex)
@@ -719,6 +913,7 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.stored_idx = sorted(stored)
         ctx.fix_idx = sorted(fixes)
         ctx.kink_idx = sorted(kinks)
+        ctx.kept = keep.acts if keep is not None else {}  # popped by the backward as it uses them
         ctx.x_requires_grad = ctx.needs_input_grad[2]
         ctx.save_for_backward(h, *extras, *(stored[i] for i in ctx.stored_idx),
                               *(t for i in ctx.fix_idx for t in fixes[i]),
@@ -749,8 +944,8 @@ class _ReversibleFunction(torch.autograd.Function):
         fixes = {i: tuple(rest[3 * k:3 * k + 3]) for k, i in enumerate(ctx.fix_idx)}
         rest = rest[3 * len(ctx.fix_idx):]
         kinks = {i: (engine.kink_tol, tuple(rest[4 * k:4 * k + 4])) for k, i in enumerate(ctx.kink_idx)}
-        index = {id(p): j for j, p in enumerate(params)}
         slots = _GradSlots(params, ctx.needs_input_grad[3:])
+        index = slots.index
         gh = gh if gh is not None else torch.zeros_like(h)
         gextras = list(gextras)
         blocks = engine.blocks
@@ -765,8 +960,10 @@ class _ReversibleFunction(torch.autograd.Function):
                 ex, gex = (), ()
             bp = b.params()
             need_x = i > 0 or ctx.x_requires_grad
+            kept = ctx.kept.pop(i, None)
             x, gx, gp = _backprop_chunked(b, h, ex, gh, gex, gtotal, bp, need_x, engine.micro_batch, fixes.get(i),
-                                          kinks.get(i))
+                                          kinks.get(i), slots.take, None if kept is None else kept[0])
+            del kept
             # a parameter that became trainable after the forward was not an input of this node: skipped
             slots.add([(index[id(p)], g) for p, g in zip(bp, gp) if g is not None and id(p) in index])
             if i in stored:

@@ -85,6 +85,68 @@ def test_plain_forward_backward_calls_match_the_op(shape, dtype):
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES + [(0, 3, 4, 4, 8, 6)])
+def test_plain_calls_into_given_buffers(shape, dtype):
+    """conv_net_fwd_into / conv_net_bwd_into (the reversible engine's kept activations and gradient buffer) write
+    what conv_net_fwd / conv_net_bwd return, bit for bit, into the given tensors (views of one pool buffer here),
+    overwriting them."""
+    n, c, h, w, k, o = shape
+    ops = torch.ops.flowops
+    ps = [p.detach() for p in make(c, o, k, dtype)]
+    x = torch.randn(n, c, h, w, dtype=torch.float64).to(dtype)
+    gy = torch.randn(n, o, h, w, dtype=torch.float64).to(dtype)
+    y, h1, h2 = ops.conv_net_fwd(x, *ps)
+    want = ops.conv_net_bwd(gy, x, h1, h2, *ps, True)
+    p_rows = n * h * w
+    flat = ops.conv_net_pooled(1, y.numel() + 2 * p_rows * k + 16, dtype).view(-1).fill_(float("nan"))
+    y2 = flat[:y.numel()].view(y.shape)
+    h1b = flat[y.numel():y.numel() + p_rows * k].view(p_rows, k)
+    h2b = flat[y.numel() + p_rows * k:y.numel() + 2 * p_rows * k].view(p_rows, k)
+    ops.conv_net_fwd_into(x, *ps, y2, h1b, h2b)
+    assert torch.equal(y2, y) and torch.equal(h1b, h1) and torch.equal(h2b, h2)
+    dst = [torch.full_like(p, float("nan")) for p in ps]
+    for need_x in (True, False):
+        gx = ops.conv_net_bwd_into(gy, x, h1b, h2b, *ps, need_x, dst)
+        if need_x:
+            assert torch.equal(gx, want[0])
+        else:
+            assert gx.numel() == 0
+        for a, b in zip(dst, want[1:]):
+            assert torch.equal(a, b)
+
+
+@needs_cpp
+def test_into_calls_check_their_arguments():
+    ops = torch.ops.flowops
+    ps = [p.detach() for p in make(3, 4, 8, torch.float32)]
+    x = torch.randn(2, 3, 4, 4)
+    y, h1, h2 = ops.conv_net_fwd(x, *ps)
+    dst = [torch.empty_like(p) for p in ps]
+    with pytest.raises(ValueError, match="six tensors"):
+        ops.conv_net_bwd_into(y, x, h1, h2, *ps, True, dst[:5])
+    with pytest.raises(ValueError, match=r"grads\[4\]"):
+        ops.conv_net_bwd_into(y, x, h1, h2, *ps, True, dst[:4] + [dst[4][:, :4], dst[5]])
+    with pytest.raises(ValueError, match=r"grads\[0\]"):
+        ops.conv_net_bwd_into(y, x, h1, h2, *ps, True, [dst[0].double()] + dst[1:])
+    with pytest.raises(ValueError, match=r"grads\[2\]"):
+        ops.conv_net_bwd_into(y, x, h1, h2, *ps, True,
+                              dst[:2] + [torch.empty(8, 8, 1, 2)[..., :1]] + dst[3:])
+    with pytest.raises(ValueError, match="y must be contiguous"):
+        ops.conv_net_fwd_into(x, *ps, y[:1], h1, h2)
+    with pytest.raises(ValueError, match="h1 and h2"):
+        ops.conv_net_fwd_into(x, *ps, y, h1.double(), h2)
+    with pytest.raises(ValueError, match="h1 and h2"):
+        ops.conv_net_fwd_into(x, *ps, y, h1, h2.t().contiguous().t())
+    with pytest.raises(ValueError, match="float32 or float64"):
+        ops.conv_net_pooled(2, 3, torch.int32)
+    with pytest.raises(ValueError, match="non-negative"):
+        ops.conv_net_pooled(-1, 3, torch.float32)
+    big = ops.conv_net_pooled(512, 256, torch.float64)
+    assert big.shape == (512, 256) and big.dtype == torch.float64 and big.is_contiguous()
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES + [(0, 3, 4, 4, 8, 6)])
 def test_kink_records(shape, dtype):
     """conv_net_fwd_kinks: recording gives conv_net_fwd's output and exactly the reference's near-kink units with
     their values; applying them to a recomputation from a slightly moved input puts every unit that moved less

@@ -702,3 +702,133 @@ def test_drift_error_measure():
     assert _rel_err(-h, h) == pytest.approx(2.0)  # 120000 overflows float16, not float32
     assert _rel_err(torch.tensor([float("nan"), 1.0]), torch.ones(2)) != _rel_err(torch.ones(2), torch.ones(2))
     assert _rel_err(torch.empty(0), torch.empty(0)) == 0.0
+
+
+def test_grad_slots_take_in_place():
+    """take() hands out the slots of distinct, needed, unwritten parameters (marking them written), else None, so
+    a conditioner that writes its gradients in place never overwrites an earlier block's (a shared parameter)."""
+    from flowops.reversible import _GradSlots
+    params = [torch.zeros(2, 3), torch.zeros(4), torch.zeros(5)]
+    slots = _GradSlots(params, [True, True, False])
+    assert slots.take([params[2]]) is None  # not needed
+    assert slots.take([params[0], params[0]]) is None  # not distinct
+    assert slots.take([torch.zeros(2)]) is None  # not an input of the node
+    views = slots.take([params[1], params[0]])
+    assert [tuple(v.shape) for v in views] == [(4,), (2, 3)]
+    views[0].fill_(2.0)
+    views[1].fill_(1.0)
+    assert slots.take([params[0]]) is None  # written already: the caller adds instead
+    slots.add([(0, torch.ones(2, 3))])
+    out = slots.result()
+    assert torch.equal(out[0], torch.full((2, 3), 2.0)) and torch.equal(out[1], torch.full((4,), 2.0))
+    assert out[2] is None
+
+
+def test_module_params_walk_matches_parameters():
+    """The engine's parameter walk lists what Module.parameters() lists, in the same order (shared modules and
+    parameters once, None entries skipped)."""
+    from flowops.reversible import _module_params
+    torch.manual_seed(0)
+    glow = Glow((3, 8, 8), levels=2, steps=2, hidden=8)
+    shared = nn.Linear(3, 3)
+    odd = nn.Sequential(shared, nn.ReLU(), nn.Sequential(shared, nn.Linear(3, 2, bias=False)))
+    odd.register_parameter("extra", None)
+    odd.tied = nn.Parameter(torch.zeros(1))
+    odd[2][1].weight2 = odd.tied
+    for mod in (*glow.modules(), odd):
+        assert [id(p) for p in _module_params(mod)] == [id(p) for p in mod.parameters()]
+
+
+def _kept_log(monkeypatch):
+    """Records, for each layer whose activations the reversible forward keeps, the shapes laid out and the kept
+    buffers' total bytes against the budget."""
+    import flowops.reversible as rev_mod
+    log, orig = [], rev_mod._Kept.alloc
+
+    def alloc(self, shapes, dtype):
+        views = orig(self, shapes, dtype)
+        if views is not None:
+            assert [tuple(v.shape) for v in views] == [tuple(sh) for sh in shapes]
+            held = sum(c.numel() * c.element_size() for c, _ in self.chunks)
+            log.append((shapes, held, self.largest - self.largest // rev_mod.KEEP_FRACTION))
+        return views
+
+    monkeypatch.setattr(rev_mod._Kept, "alloc", alloc)
+    return log
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kept_activations_of_small_layers(monkeypatch, dtype):
+    """A three-level Glow keeps the top level's conditioner activations from the forward (those layers skip their
+    recomputation) within the budget; gradients equal ordinary backprop's, the peak of saved activations is the
+    one without keeping, everything kept is released by the backward, and a second backward (retain_graph)
+    recomputes what the first consumed, with the same gradients."""
+    import flowops.reversible as rev_mod
+    log = _kept_log(monkeypatch)
+    torch.manual_seed(2)
+    ordinary = _perturb(Glow((3, 16, 16), levels=3, steps=3, hidden=8), 0.05).to(dtype)
+    x = torch.rand(4, 3, 16, 16, dtype=dtype)
+    ordinary.log_prob(x)  # ActNorm initialization, shared by the copies
+    rev = copy.deepcopy(ordinary)
+    rev.transform.reversible = True
+    _compare(ordinary, rev, x, dtype)
+    assert log, "no layer kept its activations"
+    assert all(held <= budget for _, held, budget in log)
+    assert all(shapes[0][2:] == (2, 2) for shapes, _, _ in log)  # the top level's layers (16 / 2**3 pixels)
+    # peak saved activations with and without keeping
+    peaks = {}
+    params = list(rev.parameters())
+    for keep in (True, False):
+        monkeypatch.setattr(rev_mod, "KEEP_SMALL", keep)
+        rev.zero_grad()
+        with rev_mod.SavedTensorMeter(exclude=params) as meter:
+            rev.log_prob(x).sum().backward()
+        peaks[keep] = meter.peak
+        assert meter.live == 0
+    assert peaks[True] == peaks[False]
+    monkeypatch.setattr(rev_mod, "KEEP_SMALL", True)
+    # retain_graph: the second backward recomputes the layers whose kept activations the first one used
+    rev.zero_grad()
+    lp = rev.log_prob(x).sum()
+    lp.backward(retain_graph=True)
+    first = [p.grad.clone() for p in rev.parameters()]
+    rev.zero_grad()
+    lp.backward()
+    for a, p in zip(first, rev.parameters()):
+        assert _rel(p.grad, a) <= TOL[dtype]
+
+
+def test_coupling_hooks_fire_in_reversible_forward():
+    """A forward hook on a Glow coupling still runs in the reversible forward (the direct call of its kernels is
+    used only for layers without hooks), and the values are those of the module's own forward."""
+    torch.manual_seed(0)
+    glow = _perturb(Glow((3, 8, 8), levels=2, steps=2, hidden=8, reversible=True), 0.05)
+    x = torch.rand(3, 3, 8, 8)
+    glow.log_prob(x)
+    coupling = glow.transform.flows[0].transforms[1].transforms[2]
+    calls = []
+    handle = coupling.register_forward_hook(lambda m, inp, out: calls.append(out[0].shape))
+    lp_hooked = glow.log_prob(x)
+    assert len(calls) == 1
+    handle.remove()
+    lp_direct = glow.log_prob(x)
+    assert torch.equal(lp_hooked, lp_direct)
+    glow.transform.reversible = False  # the log-dets are summed in another order there
+    torch.testing.assert_close(glow.log_prob(x), lp_direct, rtol=1e-6, atol=1e-5)
+
+
+def test_glow_conditioner_shared_between_steps_float64():
+    """Two Glow steps sharing one conditioner: the second block's gradients go through the accumulating path
+    (the first one's were written in place), summed as in ordinary backprop."""
+    torch.manual_seed(1)
+    ordinary = Glow((3, 8, 8), levels=2, steps=3, hidden=8).double()
+    steps = ordinary.transform.flows[0].transforms
+    steps[2].transforms[2].conditioner = steps[0].transforms[2].conditioner
+    _perturb(ordinary, 0.05)
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    ordinary.log_prob(x)
+    rev = copy.deepcopy(ordinary)
+    rev.transform.reversible = True
+    steps = rev.transform.flows[0].transforms
+    assert steps[2].transforms[2].conditioner is steps[0].transforms[2].conditioner
+    _compare(ordinary, rev, x, torch.float64)
