@@ -60,6 +60,11 @@ Rules and options:
   (index and value, a few KB per coupling); the recomputation clears the units within ``t`` and writes the
   recorded ones back. It costs a few % of a reversible step (bench/RESULTS.md). Glow's own conditioner on the
   C++ path only (``conv_net_fwd_kinks``); off with ``micro_batch`` and unnecessary with ``bit_exact``.
+* Layers whose conditioner activations are small next to the largest layer's (Glow's conditioner on the C++
+  path, at most 1/8 of it: in Glow the top level) keep them from the forward instead of recomputing them, laid out
+  in one buffer of the largest layer's hidden size taken from conv_net's activation pool, which goes back to the
+  pool before the large layers' turn: neither the peak of kept activations nor the resident memory grows, and the
+  amount is fixed (6 layers of the bench's K = 32 Glow). Not with ``bit_exact``, ``kink_tol`` or ``micro_batch``.
 * ``micro_batch=m`` runs each layer's recomputation and local backward on slices of ``m`` samples (the
   layers act on samples independently once ActNorm is initialized), which lowers the transient memory of
   the one live layer for a small cost in speed; gradients are unchanged up to summation order.
