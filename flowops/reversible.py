@@ -64,7 +64,8 @@ Rules and options:
   path, at most 1/8 of it: in Glow the top level) keep them from the forward instead of recomputing them, laid out
   in one buffer of the largest layer's hidden size taken from conv_net's activation pool, which goes back to the
   pool before the large layers' turn: neither the peak of kept activations nor the resident memory grows, and the
-  amount is fixed (6 layers of the bench's K = 32 Glow). Not with ``bit_exact``, ``kink_tol`` or ``micro_batch``.
+  amount is fixed (6 layers of the bench's K = 32 Glow). Not with ``bit_exact`` or ``micro_batch``; with
+  ``kink_tol`` the kept layers need no records.
 * ``micro_batch=m`` runs each layer's recomputation and local backward on slices of ``m`` samples (the
   layers act on samples independently once ActNorm is initialized), which lowers the transient memory of
   the one live layer for a small cost in speed; gradients are unchanged up to summation order.
@@ -357,18 +358,21 @@ class _CouplingBlock(_Block):
         pixels = h.shape[0] * math.prod(h.shape[2:])
         return 2 * w[0].shape[0] * pixels * h.element_size()
 
-    def forward_keep(self, h, keep):
-        """:meth:`forward` (same values) keeping the conditioner's output and hidden activations for the backward,
-        which then skips this layer's recomputation, in space :class:`_Kept` lays out (``act`` None when it has
-        none left); only where :meth:`activation_bytes` is nonzero."""
+    def keep_space(self, h, keep):
+        """Space for this layer's conditioner output and hidden activations laid out by :class:`_Kept` (None when it
+        has none left); only where :meth:`activation_bytes` is nonzero."""
+        t = self.module
+        w = self._direct_plan(h)[1]
+        pixels = h.shape[0] * math.prod(h.shape[2:])
+        return keep.alloc(((h.shape[0], t.cond_out, *h.shape[2:]), (pixels, w[0].shape[0]), (pixels, w[0].shape[0])),
+                          h.dtype)
+
+    def forward_keep(self, h, act):
+        """:meth:`forward` (same values) keeping the conditioner's output and hidden activations in ``act``
+        (:meth:`keep_space`) for the backward, which then skips this layer's recomputation."""
         t = self.module
         kernel, w = self._direct_plan(h)
         t._check(h)
-        pixels = h.shape[0] * math.prod(h.shape[2:])
-        act = keep.alloc(((h.shape[0], t.cond_out, *h.shape[2:]), (pixels, w[0].shape[0]), (pixels, w[0].shape[0])),
-                         h.dtype)
-        if act is None:
-            return (*self.forward(h), None)
         ops = torch.ops.flowops
         xp, xt = h[:, t._pass], h[:, t._trans]
         ops.conv_net_fwd_into(xp, *w, *act)
@@ -420,12 +424,17 @@ class _CouplingBlock(_Block):
         layers (``conv_net_fwd_kinks``: the units within ``2 * tol`` of their row's largest value above the kink),
         else None."""
         t = self.module
-        kernel, w = self._direct_plan(h)
+        kernel, w = self._direct_plan(h) if _plain_forward(t) else (None, None)
         if w is None or not _has_ops("conv_net_fwd_kinks"):
             return (*self.forward(h), None)
+        t._check(h)
+        ops = torch.ops.flowops
         xp, xt = h[:, t._pass], h[:, t._trans]
-        cond, _, _, rec = torch.ops.flowops.conv_net_fwd_kinks(xp, *w, tol, [])  # recording keeps no activations
-        yt, ld = t._couple(xt, cond, False, None)
+        cond, _, _, rec = ops.conv_net_fwd_kinks(xp, *w, tol, [])  # recording keeps no activations
+        if cond.shape[1] != t.cond_out:
+            raise ValueError(f"{type(t).__name__}: conditioner returned {cond.shape[1]} channels along dim 1, "
+                             f"expected {t.cond_out}")
+        yt, ld = ops.affine_coupling(xt, cond, None, kernel[0], kernel[1], False)
         return t._join(xp, yt), (), ld, tuple(rec)
 
     def _backprop_direct(self, kernel, y, gy, gld, params, need_input_grad, fix, kinks=None, into=None, kept=None):
@@ -653,8 +662,8 @@ class _Engine:
 
     def keeps(self) -> bool:
         """Whether the forward keeps small layers' conditioner activations (:class:`_Kept`): not with bit-exact
-        rebuilds, kink records or micro-batches (their backward recomputes anyway)."""
-        return KEEP_SMALL and not (self.bit_exact or self.kink_tol or self.micro_batch) and _has_ops(
+        rebuilds (exact already) or micro-batches (slices recompute); with kink records, kept layers need none."""
+        return KEEP_SMALL and not (self.bit_exact or self.micro_batch) and _has_ops(
             "conv_net_fwd_into", "conv_net_pooled")
 
     def plain(self, x):
@@ -891,18 +900,20 @@ class _ReversibleFunction(torch.autograd.Function):
             for i, b in enumerate(engine.blocks):
                 if i in ckpt:
                     stored[i] = h
+                act = None
+                if keep is not None and isinstance(b, _CouplingBlock) and keep.wants(b.activation_bytes(h)):
+                    act = b.keep_space(h, keep)
                 if engine.bit_exact:  # stored inputs too: the block's own gradients are taken at its rebuild
                     h, ex, ld, fix = b.forward_exact(h)
                     if fix is not None:
                         fixes[i] = fix
+                elif act is not None:  # the forward's own activations: no recomputation, no kink records needed
+                    h, ex, ld, act = b.forward_keep(h, act)
+                    keep.acts[i] = (act, _meter_hold(*act))
                 elif engine.kink_tol and isinstance(b, _CouplingBlock):
                     h, ex, ld, rec = b.forward_kinks(h, engine.kink_tol)
                     if rec is not None:
                         kinks[i] = rec
-                elif keep is not None and isinstance(b, _CouplingBlock) and keep.wants(b.activation_bytes(h)):
-                    h, ex, ld, act = b.forward_keep(h, keep)
-                    if act is not None:
-                        keep.acts[i] = (act, _meter_hold(*act))
                 else:
                     h, ex, ld = b.forward(h)
                 extras.extend(ex)
