@@ -810,6 +810,10 @@ def test_coupling_hooks_fire_in_reversible_forward():
     handle = coupling.register_forward_hook(lambda m, inp, out: calls.append(out[0].shape))
     lp_hooked = glow.log_prob(x)
     assert len(calls) == 1
+    glow.transform.kink_tol = 1e-3  # the recording forward too
+    torch.testing.assert_close(glow.log_prob(x), lp_hooked, rtol=0, atol=0)
+    assert len(calls) == 2
+    glow.transform.kink_tol = None
     handle.remove()
     lp_direct = glow.log_prob(x)
     assert torch.equal(lp_hooked, lp_direct)
