@@ -541,10 +541,10 @@ def _plain_forward(module) -> bool:
     nothing else: no module hooks (its own or global) and no override of ``forward`` / ``_run``."""
     from torch.nn.modules import module as mod
     from .nn.coupling import AffineCoupling, _Coupling
-    return (type(module).forward is _Coupling.forward and type(module)._run in (_Coupling._run, AffineCoupling._run)
-            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                     or module._backward_pre_hooks or mod._global_forward_hooks or mod._global_forward_pre_hooks
-                     or mod._global_backward_hooks or mod._global_backward_pre_hooks))
+    if type(module).forward is not _Coupling.forward or type(module)._run not in (_Coupling._run, AffineCoupling._run):
+        return False
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return not (any(getattr(module, h, None) for h in hooks) or any(getattr(mod, "_global" + h, None) for h in hooks))
 
 
 def _exact_kinds():

@@ -836,3 +836,20 @@ def test_glow_conditioner_shared_between_steps_float64():
     steps = rev.transform.flows[0].transforms
     assert steps[2].transforms[2].conditioner is steps[0].transforms[2].conditioner
     _compare(ordinary, rev, x, torch.float64)
+
+
+def test_global_module_hook_fires_in_reversible_forward():
+    """A global forward hook (torch.nn.modules.module.register_module_forward_hook) sees every coupling of a
+    reversible Glow's forward, as in ordinary use: the direct kernel calls step aside for it."""
+    from torch.nn.modules.module import register_module_forward_hook
+    torch.manual_seed(0)
+    glow = _perturb(Glow((3, 8, 8), levels=2, steps=2, hidden=8, reversible=True), 0.05)
+    x = torch.rand(3, 3, 8, 8)
+    glow.log_prob(x)
+    seen = []
+    handle = register_module_forward_hook(lambda m, inp, out: seen.append(type(m).__name__))
+    try:
+        glow.log_prob(x).sum().backward()
+    finally:
+        handle.remove()
+    assert seen.count("GlowAffineCoupling") == 4
