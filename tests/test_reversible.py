@@ -757,6 +757,7 @@ def _kept_log(monkeypatch):
     return log
 
 
+@pytest.mark.skipif(not _backend.has_cpp(), reason="C++ extension not built")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_kept_activations_of_small_layers(monkeypatch, dtype):
     """A three-level Glow keeps the top level's conditioner activations from the forward (those layers skip their
