@@ -496,7 +496,7 @@ at::Tensor im2col(const at::Tensor& x, const Geom& g, int slot) {
 }
 
 // keep: H1 and H2 are fresh tensors for the backward; otherwise (no gradient) they live in the scratch slots.
-// out: (y, H1, H2) written into these (checked by the caller) instead (keep implied).
+// out: (y, H1, H2) written into these (checked by the caller) instead; callers pass keep = true with it.
 Forward forward_impl(const at::Tensor& x, const Weights& m, const at::Tensor& b1, const at::Tensor& b2,
                      const at::Tensor& b3, const Geom& g, bool keep, Kinks* kinks = nullptr,
                      const Forward* out = nullptr) {
@@ -521,7 +521,7 @@ Forward forward_impl(const at::Tensor& x, const Weights& m, const at::Tensor& b1
     } else {
       bias_relu<scalar_t>(f.H2.mutable_data_ptr<scalar_t>(), bb2.const_data_ptr<scalar_t>(), g.P, g.K);
     }
-    auto G = (keep || out) ? scratch(0, g.P, 9 * g.O, opts) : scratch(1, g.P, 9 * g.O, opts);  // col or H1: dead
+    auto G = keep ? scratch(0, g.P, 9 * g.O, opts) : scratch(1, g.P, 9 * g.O, opts);  // col or H1: dead
     gemm_nn(G, f.H2, m.W3, 0);
     scatter_taps<scalar_t>(f.y.mutable_data_ptr<scalar_t>(), G.const_data_ptr<scalar_t>(),
                            bb3.const_data_ptr<scalar_t>(), g, g.O, 1);

@@ -1225,8 +1225,6 @@ register_op(OpSpec(
 ))
 
 
-
-
 def _ck_record_ref(x, *params, inverse=False):
     from .reference.conv_net import conv_net_kinks
 

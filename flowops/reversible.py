@@ -315,69 +315,63 @@ class _CouplingBlock(_Block):
     conditioner (:func:`flowops.nn.conv_net`) then runs as two plain calls as well (``conv_net_fwd`` keeps its
     hidden activations for ``conv_net_bwd``); any other conditioner is backpropagated by autograd."""
 
-    _plan = None  # (kernel, conv_net weights) found once per block (a block lives for one forward and backward)
+    _plan = None  # (kernel, conv_net weights, plain forward) found once per block (it lives one forward/backward)
 
     def _direct_plan(self, y):
-        """``(kernel, w)``: :meth:`_coupling_kernel` and, with it, :meth:`_conv_net`'s weights (else None), found on
-        the first call (the forward's or the backward's input: same dtype and device) and kept."""
+        """``(kernel, w, plain)``: :meth:`_coupling_kernel`, with it :meth:`_conv_net`'s weights (else None), and
+        whether the module's own forward is plain (:func:`_plain_forward`: no hooks, no override), found on the
+        first call (the forward's or the backward's input: same dtype and device) and kept."""
         plan = self._plan
         if plan is None:
             kernel = self._coupling_kernel(y)
             w = self._conv_net(y[:, self.module._pass]) if kernel is not None else None
-            plan = self._plan = (kernel, w)
+            plan = self._plan = (kernel, w, _plain_forward(self.module))
         return plan
+
+    def _forward_direct(self, h, run):
+        """The coupling's forward from its C++ ops: ``run(xp) -> (cond, extra)`` gives the conditioner's output
+        (and what the caller keeps), then the coupling op; ``(y, (), logdet, extra)``."""
+        t = self.module
+        kernel = self._plan[0]
+        t._check(h)
+        xp, xt = h[:, t._pass], h[:, t._trans]
+        cond, extra = run(xp)
+        _check_cond(t, cond)
+        yt, ld = torch.ops.flowops.affine_coupling(xt, cond, None, kernel[0], kernel[1], False)
+        return t._join(xp, yt), (), ld, extra
 
     def forward(self, h):
         """The layer's forward; on the direct path with Glow's conditioner the two C++ ops the module's own forward
         reaches (``conv_net``, then the coupling op), called without the module machinery in between (same values,
         bit for bit), when the layer has no hooks and does not override its forward."""
-        t = self.module
-        kernel, w = self._direct_plan(h) if _plain_forward(t) else (None, None)
-        if w is None:
+        _, w, plain = self._direct_plan(h)
+        if w is None or not plain:
             return super().forward(h)
-        t._check(h)
-        ops = torch.ops.flowops
-        xp, xt = h[:, t._pass], h[:, t._trans]
-        cond = ops.conv_net(xp, *w)
-        if cond.shape[1] != t.cond_out:
-            raise ValueError(f"{type(t).__name__}: conditioner returned {cond.shape[1]} channels along dim 1, "
-                             f"expected {t.cond_out}")
-        yt, ld = ops.affine_coupling(xt, cond, None, kernel[0], kernel[1], False)
-        return t._join(xp, yt), (), ld
+        return self._forward_direct(h, lambda xp: (torch.ops.flowops.conv_net(xp, *w), None))[:3]
 
-    def activation_bytes(self, h) -> int:
-        """Bytes of Glow's conditioner hidden activations on input ``h`` (the pair ``conv_net_fwd`` keeps for
-        ``conv_net_bwd``, what the backward walk holds while it takes this layer's gradients) when the direct path
-        with that conditioner applies, else 0."""
+    def forward_keep(self, h, keep):
+        """:meth:`forward` (same values) keeping the conditioner's output and hidden activations for the backward,
+        which then skips this layer's recomputation, in space :class:`_Kept` lays out: ``(y, (), logdet, act)``,
+        or None when the layer is not on that path, its activations are not small enough or there is no space
+        left. ``keep.wants`` sees every such layer's hidden bytes (what the backward walk holds while it takes
+        the layer's gradients), so it learns the largest."""
         t = self.module
-        if not _plain_forward(t):
-            return 0
-        w = self._direct_plan(h)[1]
-        if w is None:
-            return 0
+        _, w, plain = self._direct_plan(h)
+        if w is None or not plain:
+            return None
         pixels = h.shape[0] * math.prod(h.shape[2:])
-        return 2 * w[0].shape[0] * pixels * h.element_size()
+        hidden = (pixels, w[0].shape[0])
+        if not keep.wants(2 * math.prod(hidden) * h.element_size()):
+            return None
+        act = keep.alloc(((h.shape[0], t.cond_out, *h.shape[2:]), hidden, hidden), h.dtype)
+        if act is None:
+            return None
 
-    def keep_space(self, h, keep):
-        """Space for this layer's conditioner output and hidden activations laid out by :class:`_Kept` (None when it
-        has none left); only where :meth:`activation_bytes` is nonzero."""
-        t = self.module
-        w = self._direct_plan(h)[1]
-        pixels = h.shape[0] * math.prod(h.shape[2:])
-        return keep.alloc(((h.shape[0], t.cond_out, *h.shape[2:]), (pixels, w[0].shape[0]), (pixels, w[0].shape[0])),
-                          h.dtype)
+        def run(xp):
+            torch.ops.flowops.conv_net_fwd_into(xp, *w, *act)
+            return act[0], act
 
-    def forward_keep(self, h, act):
-        """:meth:`forward` (same values) keeping the conditioner's output and hidden activations in ``act``
-        (:meth:`keep_space`) for the backward, which then skips this layer's recomputation."""
-        t = self.module
-        kernel, w = self._direct_plan(h)
-        t._check(h)
-        ops = torch.ops.flowops
-        xp, xt = h[:, t._pass], h[:, t._trans]
-        ops.conv_net_fwd_into(xp, *w, *act)
-        yt, ld = ops.affine_coupling(xt, act[0], None, kernel[0], kernel[1], False)
-        return t._join(xp, yt), (), ld, act
+        return self._forward_direct(h, run)
 
     def _coupling_kernel(self, y):
         """``(scale, clamp)`` of the coupling op when the direct path applies, else None."""
@@ -423,19 +417,15 @@ class _CouplingBlock(_Block):
         """:meth:`forward` and, on the direct path with Glow's conditioner, the ReLU-kink records of its two hidden
         layers (``conv_net_fwd_kinks``: the units within ``2 * tol`` of their row's largest value above the kink),
         else None."""
-        t = self.module
-        kernel, w = self._direct_plan(h) if _plain_forward(t) else (None, None)
-        if w is None or not _has_ops("conv_net_fwd_kinks"):
+        _, w, plain = self._direct_plan(h)
+        if w is None or not plain or not _has_ops("conv_net_fwd_kinks"):
             return (*self.forward(h), None)
-        t._check(h)
-        ops = torch.ops.flowops
-        xp, xt = h[:, t._pass], h[:, t._trans]
-        cond, _, _, rec = ops.conv_net_fwd_kinks(xp, *w, tol, [])  # recording keeps no activations
-        if cond.shape[1] != t.cond_out:
-            raise ValueError(f"{type(t).__name__}: conditioner returned {cond.shape[1]} channels along dim 1, "
-                             f"expected {t.cond_out}")
-        yt, ld = ops.affine_coupling(xt, cond, None, kernel[0], kernel[1], False)
-        return t._join(xp, yt), (), ld, tuple(rec)
+
+        def run(xp):
+            cond, _, _, rec = torch.ops.flowops.conv_net_fwd_kinks(xp, *w, tol, [])  # recording keeps no activations
+            return cond, tuple(rec)
+
+        return self._forward_direct(h, run)
 
     def _backprop_direct(self, kernel, y, gy, gld, params, need_input_grad, fix, kinks=None, into=None, kept=None):
         t = self.module
@@ -457,9 +447,7 @@ class _CouplingBlock(_Block):
                     xp = yp.detach().requires_grad_(need_input_grad)
                     cond_g = t._params(xp)
                 cond = cond_g.detach()
-            if cond.shape[1] != t.cond_out:
-                raise ValueError(f"{type(t).__name__}: conditioner returned {cond.shape[1]} channels along dim 1, "
-                                 f"expected {t.cond_out}")
+            _check_cond(t, cond)
             xt = _decode(ops.affine_coupling(yt, cond, None, scale, clamp, True)[0], fix)  # C++ op: no redispatch
             gxt, gcond = ops.affine_coupling_bwd(gyt, _zeros_ld(gld, y), xt, cond, None, scale, clamp, False)
             if w is not None:
@@ -534,6 +522,13 @@ class _CouplingBlock(_Block):
         if grads[0] is not None:
             gx = gx + grads[0]
         return x.detach(), gx, list(grads[2:])
+
+
+def _check_cond(t, cond):
+    """The coupling ``t``'s conditioner output has the channels the coupling op expects (as ``_params`` checks)."""
+    if cond.shape[1] != t.cond_out:
+        raise ValueError(f"{type(t).__name__}: conditioner returned {cond.shape[1]} channels along dim 1, "
+                         f"expected {t.cond_out}")
 
 
 def _plain_forward(module) -> bool:
@@ -763,7 +758,6 @@ class _Kept:
         self.acts = {}  # layer index -> ((output, h1, h2), meter handles)
         self.largest = 0  # hidden bytes of the largest layer seen
         self.chunks = []  # [flat buffer, elements used]
-        self.chunk_elems = 0
 
     def wants(self, nbytes: int) -> bool:
         if nbytes <= 0:
@@ -775,14 +769,14 @@ class _Kept:
         """Views of the given shapes laid out in a pool buffer, or None when they do not fit the budget."""
         sizes = [math.prod(sh) for sh in shapes]
         need = sum(-(-n // _ALIGN) * _ALIGN for n in sizes)
-        item = torch.empty((), dtype=dtype).element_size()
+        item = dtype.itemsize
         chunk = self.largest // 2 // item  # one hidden buffer of the largest layer
         budget = self.largest - self.largest // KEEP_FRACTION
-        if not self.chunks or self.chunks[-1][0].dtype != dtype or self.chunks[-1][1] + need > self.chunk_elems:
+        last = self.chunks[-1] if self.chunks else None
+        if last is None or last[0].dtype != dtype or last[1] + need > last[0].numel():
             if need > chunk or (len(self.chunks) + 1) * chunk * item > budget:
                 return None
             self.chunks.append([torch.ops.flowops.conv_net_pooled(1, chunk, dtype).view(-1), 0])
-            self.chunk_elems = chunk
         flat, used = self.chunks[-1]
         views = []
         for sh, n in zip(shapes, sizes):
@@ -900,16 +894,14 @@ class _ReversibleFunction(torch.autograd.Function):
             for i, b in enumerate(engine.blocks):
                 if i in ckpt:
                     stored[i] = h
-                act = None
-                if keep is not None and isinstance(b, _CouplingBlock) and keep.wants(b.activation_bytes(h)):
-                    act = b.keep_space(h, keep)
-                if engine.bit_exact:  # stored inputs too: the block's own gradients are taken at its rebuild
+                kept = b.forward_keep(h, keep) if keep is not None and isinstance(b, _CouplingBlock) else None
+                if kept is not None:  # the forward's own activations: no recomputation, no kink records needed
+                    h, ex, ld, act = kept
+                    keep.acts[i] = (act, _meter_hold(*act))
+                elif engine.bit_exact:  # stored inputs too: the block's own gradients are taken at its rebuild
                     h, ex, ld, fix = b.forward_exact(h)
                     if fix is not None:
                         fixes[i] = fix
-                elif act is not None:  # the forward's own activations: no recomputation, no kink records needed
-                    h, ex, ld, act = b.forward_keep(h, act)
-                    keep.acts[i] = (act, _meter_hold(*act))
                 elif engine.kink_tol and isinstance(b, _CouplingBlock):
                     h, ex, ld, rec = b.forward_kinks(h, engine.kink_tol)
                     if rec is not None:
