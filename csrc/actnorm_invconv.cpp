@@ -19,8 +19,11 @@
 // and actnorm_invconv, whose autograd node lives in C++ (the eager CPU fast path).
 #include "flowops.h"
 
+#include <ATen/cpu/vec/vec.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <array>
+#include <algorithm>
+#include <cmath>
 #include <vector>
 #include <torch/library.h>
 
@@ -31,7 +34,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 void check_inputs(const at::Tensor& x, const at::Tensor& ls, const at::Tensor& b, const at::Tensor& w,
-                  const at::Tensor& wld) {
+                  const at::Tensor* wld) {
   TORCH_CHECK_VALUE(x.dim() >= 2, "actnorm_invconv: x must be [batch, channels, *spatial], got shape ", x.sizes());
   const int64_t C = x.size(1);
   TORCH_CHECK_VALUE(ls.dim() == 1 && ls.size(0) == C, "actnorm_invconv: log_scale must have shape [", C,
@@ -40,10 +43,11 @@ void check_inputs(const at::Tensor& x, const at::Tensor& ls, const at::Tensor& b
                     b.sizes());
   TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == C && w.size(1) == C, "actnorm_invconv: weight must have shape [",
                     C, ", ", C, "], got ", w.sizes());
-  TORCH_CHECK_VALUE(wld.numel() == 1, "actnorm_invconv: w_logdet must hold one value, got shape ", wld.sizes());
+  TORCH_CHECK_VALUE(!wld || wld->numel() == 1, "actnorm_invconv: w_logdet must hold one value, got shape ",
+                    wld->sizes());
   const auto dt = x.scalar_type();
   TORCH_CHECK_TYPE(ls.scalar_type() == dt && b.scalar_type() == dt && w.scalar_type() == dt &&
-                       wld.scalar_type() == dt,
+                       (!wld || wld->scalar_type() == dt),
                    "actnorm_invconv: log_scale, bias, weight and w_logdet must have x's dtype ", dt);
 }
 
@@ -84,7 +88,7 @@ at::Tensor apply_folded(const at::Tensor& x_in, const at::Tensor& ls, const at::
 std::tuple<at::Tensor, at::Tensor> actnorm_invconv_fwd_cpu(const at::Tensor& x_in, const at::Tensor& ls,
                                                            const at::Tensor& b, const at::Tensor& w,
                                                            const at::Tensor& wld, bool inverse) {
-  check_inputs(x_in, ls, b, w, wld);
+  check_inputs(x_in, ls, b, w, &wld);
   const int64_t N = x_in.size(0), S = spatial_size(x_in);
   auto y = apply_folded(x_in, ls, b, w, inverse);
   auto total = (ls.sum() + wld.reshape({})) * static_cast<double>(inverse ? -S : S);
@@ -95,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> actnorm_invconv_fwd_cpu(const at::Tensor& x_i
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_invconv_bwd_cpu(
     const at::Tensor& grad_y, const at::Tensor& grad_logdet, const at::Tensor& x_in, const at::Tensor& ls,
     const at::Tensor& b, const at::Tensor& w, const at::Tensor& wld, bool inverse) {
-  check_inputs(x_in, ls, b, w, wld);
+  check_inputs(x_in, ls, b, w, &wld);
   TORCH_CHECK_VALUE(grad_y.sizes() == x_in.sizes(), "actnorm_invconv_bwd: grad_y must have x's shape ",
                     x_in.sizes(), ", got ", grad_y.sizes());
   TORCH_CHECK_VALUE(grad_logdet.numel() == x_in.size(0), "actnorm_invconv_bwd: grad_logdet must have shape [",
@@ -430,11 +434,265 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lu_weight_bwd_cpu(const at::Tenso
   return {g[0], g[1], g[2]};
 }
 
+// actnorm_invconv_reverse as plain loops for small C (the reversible walk's common case: contiguous CPU
+// float/double, a permutation P, no bit-exact record). The same mathematics as the aten path below, in one
+// single-threaded pass per product with no operator calls but the output allocations: between the walk's large
+// GEMMs, whose data evict the caches, a chain of ~30 small aten ops costs several times its warm time, and these
+// products are tiny (C <= 64, 2 C^2 S N flops each). W^-1 = U^-1 L^-1 P^T comes from substitutions here (equal to
+// the aten triangular solves up to rounding, so x is the inverse up to rounding; with a record the aten path
+// rebuilds bit for bit what the forward recorded), and the sums run in a fixed order (deterministic).
+constexpr int64_t kLoopMaxC = 64;
+
+template <typename T>
+void reverse_kernel(const T* y, const T* g, const T* gld, int64_t N, int64_t C, int64_t S, const T* ls, const T* b,
+                    const std::vector<int64_t>& rows, const T* lo, const T* up, const T* sg, const T* lgs, T* x,
+                    T* gx, T* gls, T* gb, T* gw, T& gsum) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t CC = C * C;
+  std::vector<T> d(C), e(C), ie(C), W(CC, T(0)), Winv(CC), A(CC), Ainv(CC);
+  for (int64_t k = 0; k < C; ++k) {
+    d[k] = sg[k] * std::exp(lgs[k]);
+    e[k] = std::exp(ls[k]);
+    ie[k] = std::exp(-ls[k]);
+  }
+  for (int64_t i = 0; i < C; ++i) {  // W[i] = (L U)[rows[i]]
+    const int64_t r = rows[i];
+    T* out = W.data() + i * C;
+    for (int64_t k = 0; k <= r; ++k) {
+      const T l = k == r ? T(1) : lo[r * C + k];
+      out[k] += l * d[k];
+      for (int64_t j = k + 1; j < C; ++j) out[j] += l * up[k * C + j];
+    }
+  }
+  // W^-1 = U^-1 (L^-1 P^T) by substitutions on whole rows (axpys along the row): Mrow r = (P^T)_r - sum_{k<r}
+  // lower[r][k] Mrow k, then W^-1 row r = (Mrow r - sum_{k>r} upper[r][k] (W^-1 row k)) / d_r
+  std::vector<T> M(CC, T(0));
+  for (int64_t j = 0; j < C; ++j) M[rows[j] * C + j] = T(1);
+  for (int64_t r = 1; r < C; ++r) {
+    T* mr = M.data() + r * C;
+    for (int64_t k = 0; k < r; ++k) {
+      const T l = lo[r * C + k];
+      const T* mk = M.data() + k * C;
+      for (int64_t j = 0; j < C; ++j) mr[j] -= l * mk[j];
+    }
+  }
+  for (int64_t r = C - 1; r >= 0; --r) {
+    T* wr = Winv.data() + r * C;
+    std::copy_n(M.data() + r * C, C, wr);
+    for (int64_t k = r + 1; k < C; ++k) {
+      const T u = up[r * C + k];
+      const T* wk = Winv.data() + k * C;
+      for (int64_t j = 0; j < C; ++j) wr[j] -= u * wk[j];
+    }
+    const T inv = T(1) / d[r];
+    for (int64_t j = 0; j < C; ++j) wr[j] *= inv;
+  }
+  for (int64_t i = 0; i < C; ++i) {
+    for (int64_t k = 0; k < C; ++k) {
+      Ainv[i * C + k] = ie[i] * Winv[i * C + k];  // inverse: x = diag(1/e) W^-1 y - b
+      A[k * C + i] = W[i * C + k] * e[k];          // forward: y = W diag(e) x + c, stored transposed (A^T)
+    }
+  }
+  const int64_t full = S / V * V;
+  // x = Ainv y - b and grad_x = A^T grad_y, one output row (channel) at a time, vectors along the spatial axis
+  // (four output rows at a time: independent accumulators, one load of the input row per four products)
+  auto rowmix = [&](const T* Mx, const T* in, T* out, const T* shift) {
+    int64_t i = 0;
+    for (; i + 4 <= C; i += 4) {
+      const T* m0 = Mx + i * C;
+      for (int64_t s = 0; s < full; s += V) {
+        Vec a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+        for (int64_t k = 0; k < C; ++k) {
+          const Vec yv = Vec::loadu(in + k * S + s);
+          a0 = at::vec::fmadd(Vec(m0[k]), yv, a0);
+          a1 = at::vec::fmadd(Vec(m0[C + k]), yv, a1);
+          a2 = at::vec::fmadd(Vec(m0[2 * C + k]), yv, a2);
+          a3 = at::vec::fmadd(Vec(m0[3 * C + k]), yv, a3);
+        }
+        if (shift) {
+          a0 = a0 - Vec(shift[i]);
+          a1 = a1 - Vec(shift[i + 1]);
+          a2 = a2 - Vec(shift[i + 2]);
+          a3 = a3 - Vec(shift[i + 3]);
+        }
+        a0.store(out + i * S + s);
+        a1.store(out + (i + 1) * S + s);
+        a2.store(out + (i + 2) * S + s);
+        a3.store(out + (i + 3) * S + s);
+      }
+    }
+    for (; i < C; ++i) {
+      const T* mi = Mx + i * C;
+      for (int64_t s = 0; s < full; s += V) {
+        Vec acc(T(0));
+        for (int64_t k = 0; k < C; ++k) acc = at::vec::fmadd(Vec(mi[k]), Vec::loadu(in + k * S + s), acc);
+        if (shift) acc = acc - Vec(shift[i]);
+        acc.store(out + i * S + s);
+      }
+    }
+    for (int64_t r = 0; r < C; ++r) {  // the spatial tail
+      const T* mr = Mx + r * C;
+      for (int64_t s = full; s < S; ++s) {
+        T acc = 0;
+        for (int64_t k = 0; k < C; ++k) acc += mr[k] * in[k * S + s];
+        out[r * S + s] = shift ? acc - shift[r] : acc;
+      }
+    }
+  };
+  for (int64_t n = 0; n < N; ++n) {
+    rowmix(Ainv.data(), y + n * C * S, x + n * C * S, b);
+    rowmix(A.data(), g + n * C * S, gx + n * C * S, nullptr);
+  }
+  // gA = sum_n grad_y[n] x[n]^T and gc = sum grad_y over samples and pixels: per (i, k) one vector accumulator
+  // over (sample, spatial vector), reduced once
+  std::vector<T> gA(CC), gc(C);
+  T lanes[V];
+  auto reduce = [&](const Vec& acc) {
+    acc.store(lanes);
+    T t = 0;
+    for (int64_t l = 0; l < V; ++l) t += lanes[l];
+    return t;
+  };
+  for (int64_t i = 0; i < C; ++i) {
+    Vec ci(T(0));
+    T ct = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const T* gi = g + (n * C + i) * S;
+      for (int64_t s = 0; s < full; s += V) ci = ci + Vec::loadu(gi + s);
+      for (int64_t s = full; s < S; ++s) ct += gi[s];
+    }
+    gc[i] = reduce(ci) + ct;
+    int64_t k = 0;
+    for (; k + 4 <= C; k += 4) {  // four columns at a time: independent accumulators, one load of grad_y's row
+      Vec a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+      T t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const T* gi = g + (n * C + i) * S;
+        const T* xk = x + (n * C + k) * S;
+        for (int64_t s = 0; s < full; s += V) {
+          const Vec gv = Vec::loadu(gi + s);
+          a0 = at::vec::fmadd(gv, Vec::loadu(xk + s), a0);
+          a1 = at::vec::fmadd(gv, Vec::loadu(xk + S + s), a1);
+          a2 = at::vec::fmadd(gv, Vec::loadu(xk + 2 * S + s), a2);
+          a3 = at::vec::fmadd(gv, Vec::loadu(xk + 3 * S + s), a3);
+        }
+        for (int64_t s = full; s < S; ++s) {
+          t0 += gi[s] * xk[s];
+          t1 += gi[s] * xk[S + s];
+          t2 += gi[s] * xk[2 * S + s];
+          t3 += gi[s] * xk[3 * S + s];
+        }
+      }
+      gA[i * C + k] = reduce(a0) + t0;
+      gA[i * C + k + 1] = reduce(a1) + t1;
+      gA[i * C + k + 2] = reduce(a2) + t2;
+      gA[i * C + k + 3] = reduce(a3) + t3;
+    }
+    for (; k < C; ++k) {
+      Vec acc(T(0));
+      T tl = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const T* gi = g + (n * C + i) * S;
+        const T* xk = x + (n * C + k) * S;
+        for (int64_t s = 0; s < full; s += V) acc = at::vec::fmadd(Vec::loadu(gi + s), Vec::loadu(xk + s), acc);
+        for (int64_t s = full; s < S; ++s) tl += gi[s] * xk[s];
+      }
+      gA[i * C + k] = reduce(acc) + tl;
+    }
+  }
+  T gl = 0;
+  for (int64_t n = 0; n < N; ++n) gl += gld[n];
+  gsum = gl * static_cast<T>(S);
+  // back from the folded (A, c) to weight, log_scale and bias (A = W diag(e), c = W (e * b))
+  for (int64_t k = 0; k < C; ++k) {
+    T wtgc = 0, ge = 0;
+    for (int64_t i = 0; i < C; ++i) {
+      wtgc += W[i * C + k] * gc[i];
+      ge += gA[i * C + k] * W[i * C + k];
+    }
+    ge += wtgc * b[k];
+    gb[k] = wtgc * e[k];
+    gls[k] = ge * e[k] + gsum;
+  }
+  for (int64_t i = 0; i < C; ++i) {
+    for (int64_t k = 0; k < C; ++k) gw[i * C + k] = gA[i * C + k] * e[k] + gc[i] * (e[k] * b[k]);
+  }
+}
+
+// lu_weight_grads_loops' gradients with every inner loop an axpy along a row (vectorizable; the sums in another
+// order): G = P^T dW, d lower = strict lower of G U^T (row i: sum_j G[i][j] (U^T row j)), d upper = strict upper
+// of L^T G, d log_s = diag(L^T G) * d.
+template <typename T>
+void lu_grads_axpy(const T* gw, const std::vector<int64_t>& rows, int64_t C, const T* lo, const T* up, const T* sg,
+                   const T* lgs, T* gl, T* gu, T* gs) {
+  std::vector<T> G(C * C), Ut(C * C, T(0)), row(C), d(C);
+  for (int64_t k = 0; k < C; ++k) d[k] = sg[k] * std::exp(lgs[k]);
+  for (int64_t i = 0; i < C; ++i) std::copy_n(gw + i * C, C, G.data() + rows[i] * C);
+  for (int64_t k = 0; k < C; ++k) {  // Ut[j][k] = U[k][j]
+    Ut[k * C + k] = d[k];
+    for (int64_t j = k + 1; j < C; ++j) Ut[j * C + k] = up[k * C + j];
+  }
+  for (int64_t i = 1; i < C; ++i) {
+    std::fill_n(row.data(), i, T(0));
+    const T* gi = G.data() + i * C;
+    for (int64_t j = 0; j < C; ++j) {
+      const T gij = gi[j];
+      const T* uj = Ut.data() + j * C;
+      const int64_t lim = std::min(i, j + 1);  // U^T row j is zero beyond column j
+      for (int64_t k = 0; k < lim; ++k) row[k] += gij * uj[k];
+    }
+    std::copy_n(row.data(), i, gl + i * C);
+  }
+  for (int64_t k = 0; k < C; ++k) {
+    std::copy_n(G.data() + k * C, C, row.data());
+    for (int64_t i = k + 1; i < C; ++i) {
+      const T l = lo[i * C + k];
+      const T* gi = G.data() + i * C;
+      for (int64_t j = k; j < C; ++j) row[j] += l * gi[j];
+    }
+    gs[k] = row[k] * d[k];
+    for (int64_t j = k + 1; j < C; ++j) gu[k * C + j] = row[j];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reverse_loops(
+    const at::Tensor& y, const at::Tensor& grad_y, const at::Tensor& grad_logdet, const at::Tensor& log_scale,
+    const at::Tensor& bias, const std::vector<int64_t>& rows, const at::Tensor& lower, const at::Tensor& upper,
+    const at::Tensor& sign, const at::Tensor& log_s) {
+  const int64_t N = y.size(0), C = y.size(1), S = spatial_size(y);
+  auto x = at::empty_like(y, at::MemoryFormat::Contiguous), gx = at::empty_like(y, at::MemoryFormat::Contiguous);
+  auto gls = at::empty_like(log_scale), gb = at::empty_like(bias), gw = at::empty_like(lower);
+  at::Tensor g_lower, g_upper, g_log_s;
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "actnorm_invconv_reverse", [&] {
+    scalar_t gsum = 0;
+    reverse_kernel<scalar_t>(y.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(),
+                             grad_logdet.const_data_ptr<scalar_t>(), N, C, S, log_scale.const_data_ptr<scalar_t>(),
+                             bias.const_data_ptr<scalar_t>(), rows, lower.const_data_ptr<scalar_t>(),
+                             upper.const_data_ptr<scalar_t>(), sign.const_data_ptr<scalar_t>(),
+                             log_s.const_data_ptr<scalar_t>(), x.mutable_data_ptr<scalar_t>(),
+                             gx.mutable_data_ptr<scalar_t>(), gls.mutable_data_ptr<scalar_t>(),
+                             gb.mutable_data_ptr<scalar_t>(), gw.mutable_data_ptr<scalar_t>(), gsum);
+    g_lower = at::zeros_like(lower);
+    g_upper = at::zeros_like(upper);
+    g_log_s = at::empty_like(log_s);
+    lu_grads_axpy<scalar_t>(gw.const_data_ptr<scalar_t>(), rows, C, lower.const_data_ptr<scalar_t>(),
+                            upper.const_data_ptr<scalar_t>(), sign.const_data_ptr<scalar_t>(),
+                            log_s.const_data_ptr<scalar_t>(), g_lower.mutable_data_ptr<scalar_t>(),
+                            g_upper.mutable_data_ptr<scalar_t>(), g_log_s.mutable_data_ptr<scalar_t>());
+    scalar_t* gs = g_log_s.mutable_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < C; ++k) gs[k] += gsum;  // the log-det's share: w_logdet = sum(log_s)
+  });
+  return {x, gx, gls, gb, g_lower, g_upper, g_log_s};
+}
+
 // A GlowStep's ActNorm + 1x1 convolution walked backwards in one call (the reversible engine's direct path):
-// x = the inverse of y (W^-1 = U^-1 L^-1 P^T by two triangular solves, as InvConv1x1.inverse_weight builds it),
-// then the gradients of the forward at x: actnorm_invconv_bwd with W = P L U (as lu_weight builds it), W's
-// gradient taken back to (lower, upper, log_s) as lu_weight_bwd does, plus the log-det's share of log_s.
-// With a record (flowops/reversible.py, bit_exact=True) the rebuild is corrected by rebuild_apply first.
+// x = the inverse of y, then the gradients of the forward at x, W's gradient taken back to (lower, upper, log_s)
+// plus the log-det's share of log_s. For C <= 64, a permutation P and no record: reverse_loops (x up to rounding,
+// the sums in their own order). Otherwise the aten path: W^-1 = U^-1 L^-1 P^T by two triangular solves, as
+// InvConv1x1.inverse_weight builds it (x = GlowStep.norm_conv_inverse(y) bit for bit), actnorm_invconv_bwd with
+// W = P L U as lu_weight builds it, and lu_weight_bwd's formula; with a record (flowops/reversible.py,
+// bit_exact=True) the rebuild is corrected by rebuild_apply first, so it is the forward's input bit for bit.
 // Returns (x, grad_x, grad_log_scale, grad_bias, grad_lower, grad_upper, grad_log_s).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 actnorm_invconv_reverse_cpu(const at::Tensor& y, const at::Tensor& grad_y, const at::Tensor& grad_logdet,
@@ -443,9 +701,20 @@ actnorm_invconv_reverse_cpu(const at::Tensor& y, const at::Tensor& grad_y, const
                             const at::Tensor& log_s, const std::optional<at::Tensor>& record_small,
                             const std::optional<at::Tensor>& record_idx, const std::optional<at::Tensor>& record_vals) {
   check_lu_args(perm, lower, upper, sign, log_s);
-  const auto wld = log_s.sum();
-  check_inputs(y, log_scale, bias, lower, wld);
+  check_inputs(y, log_scale, bias, lower, nullptr);
+  TORCH_CHECK_VALUE(grad_y.sizes() == y.sizes(), "actnorm_invconv_bwd: grad_y must have x's shape ", y.sizes(),
+                    ", got ", grad_y.sizes());
+  TORCH_CHECK_VALUE(grad_logdet.numel() == y.size(0), "actnorm_invconv_bwd: grad_logdet must have shape [",
+                    y.size(0), "], got ", grad_logdet.sizes());
   const auto rows = perm_rows(perm, lower, upper, sign, log_s);
+  const auto dt = y.scalar_type();
+  if (!record_small.has_value() && !rows.empty() && lower.size(0) <= kLoopMaxC && y.is_cpu() && y.is_contiguous() &&
+      lower.scalar_type() == dt && grad_y.scalar_type() == dt && grad_y.is_contiguous() && grad_y.is_cpu() &&
+      grad_logdet.scalar_type() == dt && grad_logdet.is_contiguous() && log_scale.is_contiguous() &&
+      bias.is_contiguous() && log_scale.is_cpu() && bias.is_cpu() && grad_logdet.is_cpu()) {
+    return reverse_loops(y, grad_y, grad_logdet, log_scale, bias, rows, lower, upper, sign, log_s);
+  }
+  const auto wld = log_s.sum();
   auto [L, U, d] = lu_factors(lower, upper, sign, log_s);
   const auto lo_solve = at::linalg_solve_triangular(L, perm.t(), /*upper=*/false, /*left=*/true,
                                                     /*unitriangular=*/true);

@@ -23,11 +23,12 @@ default 8 16 32 64). Reported:
   float32 and float64, on the same weights (perturbed from the near-identity initialization so that
   every parameter gets a gradient); in float32 also the precision floor (both modes against float64), the
   gradients' sensitivity to a one-ulp change of the input, and the reversible mode without stored inputs
-  (``checkpoints=None``), with ReLU-kink records (``kink_tol=1e-3``) and with ``bit_exact=True``.
+  (``checkpoints=None``), without ReLU-kink records (``kink_tol=None``; with ``kink_tol=1e-4`` when the
+  main lines have none) and with ``bit_exact=True``.
 
-The reversible mode is ``Glow(..., reversible=True)`` with its defaults (32 stored inputs, ``checkpoints=32``);
-``--checkpoints C`` (0: none), ``--kink-tol T`` and ``--bit-exact`` set those options for the memory table, the
-step time and the main gradient lines.
+The reversible mode is ``Glow(..., reversible=True)`` with its defaults (32 stored inputs, ``checkpoints=32``;
+ReLU-kink records, ``kink_tol=1e-4``); ``--checkpoints C`` (0: none), ``--kink-tol T`` (0: none) and
+``--bit-exact`` set those options for the memory table, the step time and the main gradient lines.
 
 A PNG plot of memory against depth is written (``--plot``), and a JSON record on request (``--json``).
 """
@@ -50,7 +51,6 @@ TARGETS = {"memory_ratio_min": 5.0, "step_time_ratio_max": 1.35, "grad_rel_fp32"
            "flatness_max": 1.2}
 MODES = ("ordinary", "reversible")
 BASELINES = ("warm", "cold", "none")
-REPORT_KINK_TOL = 1e-3  # the kink_tol of the gradient report's extra line
 BASELINE_TEXT = {"warm": "a warm-up step of the same shapes (K = 1)", "cold": "a tiny warm-up model (--baseline cold)",
                  "none": "building the model, no warm-up (--baseline none)"}
 
@@ -104,7 +104,8 @@ def build(cfg, steps: int, reversible: bool, dtype=torch.float32):
     model.transform.bit_exact = bool(cfg.get("bit_exact"))
     if cfg.get("checkpoints") is not None:  # else the model's default; 0: none
         model.transform.checkpoints = cfg["checkpoints"] or None
-    model.transform.kink_tol = cfg.get("kink_tol")
+    if cfg.get("kink_tol") is not None:  # else the model's default (1e-4); 0: no kink records
+        model.transform.kink_tol = cfg["kink_tol"] or None
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)
     with torch.no_grad():  # leave the near-identity start, so every parameter gets a gradient
         for p in model.parameters():
@@ -168,6 +169,7 @@ def run_child(cfg) -> dict:
 
 def grad_rel_error(cfg, steps: int, dtype) -> dict:
     """Largest per-tensor max|g_rev - g_ord| / max|g_ord| and the log-likelihood difference."""
+    from .models.glow import DEFAULT_KINK_TOL
     model, x = build(cfg, steps, False, dtype)
     model.log_prob(x)  # ActNorm initialization, shared by both copies
     twin = copy.deepcopy(model)
@@ -212,11 +214,13 @@ def grad_rel_error(cfg, steps: int, dtype) -> dict:
         train_step(pure, x)
         out["no_checkpoints_global"] = global_rel(pure, model)
         out["no_checkpoints_vs_fp64_global"] = global_rel(pure, ref)
-        # with ReLU-kink records: the recomputed conditioner units stay on the forward's side of the kink
+        # the other side of the ReLU-kink records: without them when the main lines have them (Glow's default),
+        # else with them (the recomputed conditioner units stay on the forward's side of the kink)
         kinks = copy.deepcopy(model)
-        kinks.transform.reversible, kinks.transform.bit_exact, kinks.transform.kink_tol = True, False, REPORT_KINK_TOL
+        other = None if twin.transform.kink_tol else DEFAULT_KINK_TOL
+        kinks.transform.reversible, kinks.transform.bit_exact, kinks.transform.kink_tol = True, False, other
         train_step(kinks, x)
-        out["kink_tol"] = REPORT_KINK_TOL
+        out["kink_tol"] = other
         out["kinks_global"], out["kinks_vs_fp64_global"] = global_rel(kinks, model), global_rel(kinks, ref)
         out["kinks_worst"] = worst(kinks, model)[0]
     # bit-exact rebuilds (the rounding differences kept): gradients should equal ordinary backprop's
@@ -314,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stored inputs of the reversible mode (checkpoints=C; 0: none, only the bottom one; default: "
                         "Glow's default, 32) for the memory table, the step time and the main gradient lines")
     p.add_argument("--kink-tol", dest="kink_tol", type=float, default=None,
-                   help="ReLU-kink records of the reversible mode (kink_tol=T, e.g. 1e-3; default off) for the memory "
-                        "table, the step time and the main gradient lines")
+                   help="ReLU-kink records of the reversible mode (kink_tol=T; 0: none; default: Glow's default, "
+                        "1e-3) for the memory table, the step time and the main gradient lines")
     p.add_argument("--bit-exact", action="store_true",
                    help="the reversible mode keeps its rounding differences (bit_exact=True) in the memory table and "
                         "the step time")
@@ -347,7 +351,7 @@ def main(argv=None) -> int:
     if args.checkpoints is not None and args.checkpoints < 0:
         print("flowops bench --op reversible: --checkpoints must be non-negative (0: none)", file=sys.stderr)
         return 2
-    if args.kink_tol is not None:
+    if args.kink_tol:  # 0: no records
         from .reversible import _check_kink_tol
         try:
             _check_kink_tol(args.kink_tol)
@@ -384,7 +388,7 @@ def _run(args, argv) -> int:
             f"batch {args.batch}, float32" + (f", reversible micro_batch {args.micro_batch}" if args.micro_batch
                                                else "") + (", reversible bit_exact" if args.bit_exact else "")
             + (f", reversible checkpoints {args.checkpoints or None}" if args.checkpoints is not None else "")
-            + (f", reversible kink_tol {args.kink_tol:g}" if args.kink_tol else ""))
+            + (f", reversible kink_tol {args.kink_tol or None}" if args.kink_tol is not None else ""))
     print(f"flowops bench --op reversible: {desc}; "
           f"{'in this process' if args.in_process else 'one fresh process per (mode, K)'}; memory baseline after "
           f"{BASELINE_TEXT[cfg['baseline']]}")
@@ -419,7 +423,8 @@ def _run(args, argv) -> int:
                   f"{g['no_checkpoints_global']:.2e} from ordinary {g['dtype']}, "
                   f"{g['no_checkpoints_vs_fp64_global']:.2e} from float64")
         if "kinks_global" in g:
-            print(f"  with kink_tol={g['kink_tol']:g}: all parameters together {g['kinks_global']:.2e} from ordinary "
+            side = f"with kink_tol={g['kink_tol']:g}" if g["kink_tol"] else "without kink records (kink_tol=None)"
+            print(f"  {side}: all parameters together {g['kinks_global']:.2e} from ordinary "
                   f"{g['dtype']} (worst tensor {g['kinks_worst']:.2e}), {g['kinks_vs_fp64_global']:.2e} from float64")
         print(f"  with bit_exact=True: worst tensor {g['bit_exact_worst']:.2e}, all parameters together "
               f"{g['bit_exact_global']:.2e} from ordinary {g['dtype']}")

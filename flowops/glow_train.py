@@ -222,8 +222,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --reversible: keep the inputs of C evenly spaced layers (checkpoints=C, default 32; "
                         "0: none; memory independent of depth, rebuilds restart from them)")
     p.add_argument("--kink-tol", dest="kink_tol", type=float, default=None, metavar="T",
-                   help="with --reversible: ReLU-kink records (kink_tol=T, e.g. 1e-3): float32 gradients closer to "
-                        "ordinary backprop's for a few %% of step time")
+                   help="with --reversible: ReLU-kink records (kink_tol=T; default Glow's 1e-4; 0: none): float32 "
+                        "gradients as close to ordinary backprop's as float64 ones, for little step time")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                    help="parameter and data dtype (default float32; float64 for exactness checks)")
     p.add_argument("--backend", default="auto", choices=_backend.BACKENDS,
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
         return _usage_error("--stored-inputs needs --reversible (it sets where the reversible backward restarts)")
     if args.kink_tol is not None and not cfg["reversible"]:
         return _usage_error("--kink-tol needs --reversible (it sets how the reversible backward recomputes)")
-    if args.kink_tol is not None:
+    if args.kink_tol:  # 0: no records
         from .reversible import _check_kink_tol
         try:
             _check_kink_tol(args.kink_tol)
@@ -406,7 +406,7 @@ def _run(args, cfg, ckpt, temps, rank, world, device) -> int:
     if args.stored_inputs is not None:
         model.transform.checkpoints = args.stored_inputs or None
     if args.kink_tol is not None:
-        model.transform.kink_tol = args.kink_tol
+        model.transform.kink_tol = args.kink_tol or None
     backends = [args.backend] + (["reference"] if cfg["compare"] else [])
     names = [_backend_name(b, device) for b in backends]
     step = 0

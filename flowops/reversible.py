@@ -52,13 +52,15 @@ Rules and options:
   gradients equal ordinary backprop's up to summation order, in any precision and at any conditioning, for
   about one byte per transformed value per layer (memory that grows with depth, far slower than ordinary
   backprop's) and the forward's extra inverses. It cannot be combined with ``micro_batch`` (``ValueError``).
-* ``kink_tol=t`` (e.g. ``1e-3``; default None, off) keeps the conditioner's ReLUs on the forward's side in the
-  backward. A recomputation from a rebuilt input (a few ulps off) can move a hidden unit whose pre-activation is
+* ``kink_tol=t`` (default None, off, here; ``Glow`` turns it on with ``1e-4``) keeps the conditioner's ReLUs on
+  the forward's side in the backward. A recomputation from a rebuilt input (a few ulps off) can move a hidden unit whose pre-activation is
   within rounding of zero across the kink, and those few flips, not the smooth part of the drift, are what move
   float32 gradients (3 - 4 flips make the 1e-4-level difference of a K = 32 Glow with stored inputs; without
-  them 7e-7). The forward records, per hidden row, the units active within ``2 t`` of the row's largest value
-  (index and value, a few KB per coupling); the recomputation clears the units within ``t`` and writes the
-  recorded ones back. It costs a few % of a reversible step (bench/RESULTS.md). Glow's own conditioner on the
+  them 8e-7). The forward records, per hidden row, the units active within ``2 t`` of the row's largest value
+  (index and value, about 2 KB per coupling at ``t = 1e-4`` on the bench's largest layers); the recomputation
+  clears the units within ``t`` and writes the recorded ones back. A coupling whose output the backward has exactly (the stack's top, a stored input) needs
+  none, and with records on, a stored input that would fall on a coupling moves up one layer to sit on the
+  coupling's output. It costs a few % of a reversible step (bench/RESULTS.md). Glow's own conditioner on the
   C++ path only (``conv_net_fwd_kinks``); off with ``micro_batch`` and unnecessary with ``bit_exact``.
 * Layers whose conditioner activations are small next to the largest layer's (Glow's conditioner on the C++
   path, at most 1/8 of it: in Glow the top level) keep them from the forward instead of recomputing them, laid out
@@ -196,7 +198,9 @@ def _direct(x) -> bool:
 
 
 def _zeros_ld(gld, x):
-    return gld.to(x.dtype) if gld is not None else x.new_zeros(x.shape[0])
+    if gld is None:
+        return x.new_zeros(x.shape[0])
+    return gld if gld.dtype == x.dtype else gld.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,7 +264,7 @@ class _ActNormInvConvBlock(_Block):
     def label(self) -> str:
         return f"{self.name}.transforms.0-1 (ActNorm + InvConv1x1)"
 
-    _own_ok = None
+    _plan = None  # (own parameters, op arguments, slot of each) or False: found on the first backprop
 
     def _parameters(self):  # once each, also when ActNorm and the 1x1 conv share one
         ts = self.module.transforms
@@ -275,24 +279,26 @@ class _ActNormInvConvBlock(_Block):
 
     def backprop(self, y, extras, gy, gextras, gld, params, need_input_grad, fix=None):
         """On the C++ path one call (``actnorm_invconv_reverse``) rebuilds the input and takes the local gradients
-        through the fused op's backward kernel and the LU weight's backward (the kernels ordinary backprop runs),
-        without re-running the forward or consulting the layer's weight caches."""
-        step = self.module
-        an, ic = step.transforms[0], step.transforms[1]
-        own = (an.log_scale, an.bias, ic.lower, ic.upper, ic.log_s)
-        if self._own_ok is None:  # the five parameters distinct and the block's only ones (checked once)
-            self._own_ok = (len({id(p) for p in own}) == len(own)
-                            and {id(p) for p in self.all_params()} == set(map(id, own)))
-        if not self._own_ok or not _direct(y) or not _has_ops("actnorm_invconv_reverse", "rebuild_apply"):
+        (the fused op's backward and the LU weight's backward; for up to 64 channels as plain loops, one pass per
+        product), without re-running the forward or consulting the layer's weight caches."""
+        plan = self._plan
+        if plan is None:  # the five parameters distinct and the block's only ones, the C++ path (found once)
+            an, ic = self.module.transforms[0], self.module.transforms[1]
+            own = (an.log_scale, an.bias, ic.lower, ic.upper, ic.log_s)
+            ok = (len({id(p) for p in own}) == len(own) and {id(p) for p in self.all_params()} == set(map(id, own))
+                  and _direct(y) and _has_ops("actnorm_invconv_reverse", "rebuild_apply"))
+            plan = self._plan = (own, (an.log_scale, an.bias, ic.perm, ic.lower, ic.upper, ic.sign, ic.log_s),
+                                   {id(p): j for j, p in enumerate(own)}) if ok else False
+        if not plan:
             return super().backprop(y, extras, gy, gextras, gld, params, need_input_grad, fix)
-        ops = torch.ops.flowops
-        with torch.no_grad():
-            # the inverse (corrected by a bit-exact record), the fused op's backward and the LU weight's backward
-            x, gx, *g = ops.actnorm_invconv_reverse(y, gy.to(y.dtype), _zeros_ld(gld, y), an.log_scale, an.bias,
-                                                    ic.perm, ic.lower, ic.upper, ic.sign, ic.log_s,
-                                                    *(fix if fix is not None else ()))
-        grads = dict(zip(map(id, own), g))
-        return x, (gx if need_input_grad else None), [grads[id(p)] for p in params]
+        _, args, where = plan
+        if gy.dtype != y.dtype:
+            gy = gy.to(y.dtype)
+        # the inverse (corrected by a bit-exact record), the fused op's backward and the LU weight's backward; a
+        # plain call (no autograd kernel), made by the walk with grad mode off
+        x, gx, *g = torch.ops.flowops.actnorm_invconv_reverse(y, gy, _zeros_ld(gld, y), *args,
+                                                              *(fix if fix is not None else ()))
+        return x, (gx if need_input_grad else None), [g[where[id(p)]] for p in params]
 
 
 class _SplitBlock(_Block):
@@ -432,7 +438,9 @@ class _CouplingBlock(_Block):
         ops = torch.ops.flowops
         scale, clamp = kernel
         yp, yt = y[:, t._pass], y[:, t._trans]
-        gyt = gy[:, t._trans].to(y.dtype)
+        gyt = gy[:, t._trans]
+        if gyt.dtype != y.dtype:
+            gyt = gyt.to(y.dtype)
         w = self._direct_plan(y)[1]
         with torch.no_grad():
             if w is not None:
@@ -694,8 +702,23 @@ class _Engine:
         n, c = len(self.blocks), self.checkpoints
         if c and n:  # c evenly spaced layers (all of them when c >= n), the bottom one first
             m = min(c, n)
-            idx.update((j * n) // m for j in range(m))
+            pos = [(j * n) // m for j in range(m)]
+            if self.kink_tol and m < n:
+                # with kink records, a stored input just above a coupling spares that coupling its records (its
+                # conditioner is recomputed from exact values): a position on a coupling moves up by one
+                taken = set(pos)
+                for k, p in enumerate(pos):
+                    if (p and p + 1 < n and p + 1 not in taken and isinstance(self.blocks[p], _CouplingBlock)
+                            and not isinstance(self.blocks[p - 1], _CouplingBlock)):
+                        taken.discard(p)
+                        taken.add(p + 1)
+                        pos[k] = p + 1
+            idx.update(pos)
         return idx
+
+    def exact_output(self, i, ckpt) -> bool:
+        """Whether the backward walk has block ``i``'s output exactly (the stack's output, or a stored input)."""
+        return i + 1 == len(self.blocks) or i + 1 in ckpt
 
     # -- drift ---------------------------------------------------------------------------------------------
     def _worst_round_trip(self, x, lo, hi):
@@ -902,7 +925,7 @@ class _ReversibleFunction(torch.autograd.Function):
                     h, ex, ld, fix = b.forward_exact(h)
                     if fix is not None:
                         fixes[i] = fix
-                elif engine.kink_tol and isinstance(b, _CouplingBlock):
+                elif engine.kink_tol and isinstance(b, _CouplingBlock) and not engine.exact_output(i, ckpt):
                     h, ex, ld, rec = b.forward_kinks(h, engine.kink_tol)
                     if rec is not None:
                         kinks[i] = rec

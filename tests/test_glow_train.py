@@ -250,6 +250,7 @@ BAD = [
     (["--reversible", "--stored-inputs", "-1"], "--stored-inputs must be non-negative"),
     (["--kink-tol", "1e-3"], "--kink-tol needs --reversible"),
     (["--reversible", "--kink-tol", "0.9"], "--kink-tol: reversible: kink_tol must be in"),
+    (["--reversible", "--kink-tol=-1e-3"], "--kink-tol: reversible: kink_tol must be in"),
 ]
 
 
@@ -317,9 +318,9 @@ def test_reversible_flag(tmp_path, capsys):
         assert rc == 0
         assert _load(exact / "checkpoint-step000008.pt")["history"]["fused"] == pytest.approx(a, abs=1e-12)
         # other stored-input budgets (the default stores every layer's input of this small model): the same run
-        for c in ("3", "0"):
+        for c, kink in (("3", "1e-3"), ("0", "0")):  # --kink-tol 0: no kink records
             rc, budget = _run(tmp_path, "budget" + c, *common, "--reversible", "--stored-inputs", c,
-                              "--kink-tol", "1e-3")
+                              "--kink-tol", kink)
             assert rc == 0
             assert _load(budget / "checkpoint-step000008.pt")["history"]["fused"] == pytest.approx(a, abs=1e-9)
     else:
