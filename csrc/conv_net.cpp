@@ -691,13 +691,8 @@ at::Tensor conv_net_pooled(int64_t rows, int64_t cols, at::ScalarType dtype) {
   return pooled(rows, cols, at::TensorOptions().dtype(dtype));
 }
 
-// conv_net_fwd with ReLU-kink records (see Kinks): with `apply` empty it records them ([idx1, val1, idx2, val2]
-// returned; h1 and h2 come back empty); with `apply` = those four tensors it applies them to this recomputation
-// (h1 and h2 as conv_net_fwd returns them, nothing else).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> conv_net_fwd_kinks_cpu(
-    const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-    const at::Tensor& w3, const at::Tensor& b3, double tol, at::TensorList apply) {
-  const Geom g = check(x, w1, b1, w2, b2, w3, b3);
+// The Kinks of a recording (apply empty) or of an application of the four tensors a recording returned, checked.
+Kinks kinks_of(const at::Tensor& x, const Geom& g, double tol, at::TensorList apply) {
   TORCH_CHECK_VALUE(tol >= 0 && tol < 0.5, "flowops.conv_net_fwd_kinks: tol must be in [0, 0.5), got ", tol);
   TORCH_CHECK_VALUE(g.P * g.K < (int64_t(1) << 31), "flowops.conv_net_fwd_kinks: ", g.P, " x ", g.K,
                     " hidden units do not fit int32 indices");
@@ -721,6 +716,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> conv_net
     kk.idx[l] = idx;
     kk.val[l] = val;
   }
+  return kk;
+}
+
+// conv_net_fwd with ReLU-kink records (see Kinks): with `apply` empty it records them ([idx1, val1, idx2, val2]
+// returned; h1 and h2 come back empty); with `apply` = those four tensors it applies them to this recomputation
+// (h1 and h2 as conv_net_fwd returns them, nothing else).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> conv_net_fwd_kinks_cpu(
+    const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+    const at::Tensor& w3, const at::Tensor& b3, double tol, at::TensorList apply) {
+  const Geom g = check(x, w1, b1, w2, b2, w3, b3);
+  Kinks kk = kinks_of(x, g, tol, apply);
   // recording keeps no activations (H1, H2 in the scratch slots; empty tensors returned)
   Forward f = forward_impl(x, weight_matrices(g, w1, w2, w3), b1, b2, b3, g, !kk.record, g.P ? &kk : nullptr);
   if (kk.record || g.P == 0) f.H1 = f.H2 = at::empty({0, g.K}, x.options());
@@ -730,6 +736,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> conv_net
     kk.val[l] = at::empty({0}, x.options());
   }
   return {f.y, f.H1, f.H2, {kk.idx[0], kk.val[0], kk.idx[1], kk.val[1]}};
+}
+
+// The destinations of conv_net_bwd_into's six parameter gradients.
+void check_into(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3, at::TensorList grads) {
+  TORCH_CHECK_VALUE(grads.size() == 6, "flowops.conv_net_bwd_into: grads must be six tensors (w1, b1, w2, b2, w3, "
+                    "b3), got ", grads.size());
+  const at::Tensor* params[6] = {&w1, &b1, &w2, &b2, &w3, &b3};
+  for (int i = 0; i < 6; ++i) {
+    const auto& d = grads[i];
+    TORCH_CHECK_VALUE(d.sizes() == params[i]->sizes() && d.is_contiguous() && d.scalar_type() == x.scalar_type() &&
+                          d.device() == x.device(),
+                      "flowops.conv_net_bwd_into: grads[", i, "] must be a contiguous ", params[i]->sizes(),
+                      " tensor of x's dtype and device, got ", d.sizes(), " ", d.scalar_type());
+  }
 }
 
 std::vector<at::Tensor> conv_net_bwd_checked(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& h1,
@@ -765,18 +786,79 @@ std::vector<at::Tensor> conv_net_bwd_cpu(const at::Tensor& gy, const at::Tensor&
 at::Tensor conv_net_bwd_into_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& h1, const at::Tensor& h2,
                                  const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                                  const at::Tensor& w3, const at::Tensor& b3, bool need_x, at::TensorList grads) {
-  TORCH_CHECK_VALUE(grads.size() == 6, "flowops.conv_net_bwd_into: grads must be six tensors (w1, b1, w2, b2, w3, "
-                    "b3), got ", grads.size());
-  const at::Tensor* params[6] = {&w1, &b1, &w2, &b2, &w3, &b3};
-  for (int i = 0; i < 6; ++i) {
-    const auto& d = grads[i];
-    TORCH_CHECK_VALUE(d.sizes() == params[i]->sizes() && d.is_contiguous() && d.scalar_type() == x.scalar_type() &&
-                          d.device() == x.device(),
-                      "flowops.conv_net_bwd_into: grads[", i, "] must be a contiguous ", params[i]->sizes(),
-                      " tensor of x's dtype and device, got ", d.sizes(), " ", d.scalar_type());
-  }
+  check_into(x, w1, b1, w2, b2, w3, b3, grads);
   auto out = conv_net_bwd_checked(gy, x, h1, h2, w1, b1, w2, b2, w3, b3, need_x, grads);
   return out[0];
+}
+
+// The reversible walk's whole step for one of Glow's couplings (split mask, conv_net conditioner) in one call, with
+// the calls the walk would make one by one (same kernels, same values bit for bit): y's pass-through part
+// yp = y[:, pass] feeds the conditioner's recomputation (conv_net_fwd, or conv_net_fwd_kinks applying `kinks`, the
+// four tensors of a recording, with tol kink_tol), or `acts` = (cond, h1, h2) are the forward's kept activations
+// (recompute false) or the buffers the recomputation writes into (recompute true); the coupling's inverse rebuilds
+// xt from yt = y[:, trans] (affine_coupling, inverse) and its backward gives (grad xt, grad cond)
+// (affine_coupling_bwd); the conditioner's backward writes its six parameter gradients into `grads`
+// (conv_net_bwd_into) and its input gradient joins grad_y's pass-through part. Returns (x, grad_x), x = the
+// channels of yp and xt in y's order, grad_x likewise (empty when need_x is false). Between the walk's large GEMMs
+// one call instead of about ten keeps the cold per-call overhead (argument parsing, dispatch) off the step.
+std::tuple<at::Tensor, at::Tensor> glow_coupling_reverse_cpu(
+    const at::Tensor& y, const at::Tensor& grad_y, const at::Tensor& grad_logdet, const at::Tensor& w1,
+    const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3,
+    int64_t pass_start, int64_t pass_len, int64_t trans_start, int64_t trans_len, c10::string_view scale,
+    double clamp, double kink_tol, at::TensorList kinks, at::TensorList acts, bool recompute, bool need_x,
+    at::TensorList grads) {
+  TORCH_CHECK_VALUE(y.dim() == 4, "flowops.glow_coupling_reverse: y must be [N, C, H, W], got ", y.sizes());
+  TORCH_CHECK_VALUE(grad_y.sizes() == y.sizes() && grad_y.scalar_type() == y.scalar_type(),
+                    "flowops.glow_coupling_reverse: grad_y must have y's shape and dtype, got ", grad_y.sizes());
+  const int64_t C = y.size(1);
+  const bool pass_first = pass_start < trans_start;
+  TORCH_CHECK_VALUE(pass_len > 0 && trans_len > 0 && pass_len + trans_len == C &&
+                        (pass_first ? pass_start == 0 && trans_start == pass_len
+                                    : trans_start == 0 && pass_start == trans_len),
+                    "flowops.glow_coupling_reverse: the pass-through and transformed channel ranges must split y's ",
+                    C, " channels in two, got (", pass_start, ", ", pass_len, ") and (", trans_start, ", ", trans_len,
+                    ")");
+  const auto yp = y.narrow(1, pass_start, pass_len), yt = y.narrow(1, trans_start, trans_len);
+  const Geom g = check(yp, w1, b1, w2, b2, w3, b3);
+  check_into(yp, w1, b1, w2, b2, w3, b3, grads);
+  TORCH_CHECK_VALUE(acts.empty() || acts.size() == 3, "flowops.glow_coupling_reverse: acts must be empty or "
+                    "(cond, h1, h2), got ", acts.size(), " tensors");
+  TORCH_CHECK_VALUE(kinks.empty() || (acts.empty() || recompute), "flowops.glow_coupling_reverse: kink records "
+                    "apply to a recomputation, not to kept activations");
+  const Weights m = weight_matrices(g, w1, w2, w3);
+  Forward f;
+  if (!acts.empty()) {
+    const std::vector<int64_t> ys{g.N, g.O, g.H, g.W}, hs{g.P, g.K};
+    for (int i = 0; i < 3; ++i) {
+      const auto& want = i == 0 ? ys : hs;
+      TORCH_CHECK_VALUE(acts[i].sizes() == at::IntArrayRef(want) && acts[i].is_contiguous() &&
+                            acts[i].scalar_type() == y.scalar_type() && acts[i].device() == y.device(),
+                        "flowops.glow_coupling_reverse: acts[", i, "] must be a contiguous ", at::IntArrayRef(want),
+                        " tensor of y's dtype and device, got ", acts[i].sizes());
+    }
+    f = Forward{acts[0], acts[1], acts[2]};
+  }
+  if (acts.empty() || recompute) {
+    Kinks kk;
+    if (!kinks.empty()) {
+      TORCH_CHECK_VALUE(kinks.size() == 4, "flowops.glow_coupling_reverse: kinks must be the four tensors a "
+                        "recording returned, got ", kinks.size());
+      kk = kinks_of(yp, g, kink_tol, kinks);
+    }
+    const Forward out = f;
+    f = forward_impl(yp, m, b1, b2, b3, g, true, kinks.empty() || g.P == 0 ? nullptr : &kk,
+                     acts.empty() ? nullptr : &out);
+    if (g.P == 0) f.H1 = f.H2 = at::empty({0, g.K}, y.options());
+  }
+  const std::string sc(scale);
+  auto [xt, ld] = affine_coupling_fwd_cpu(yt, f.y, std::nullopt, sc, clamp, true);
+  auto [gxt, gcond] = affine_coupling_bwd_cpu(grad_y.narrow(1, trans_start, trans_len), grad_logdet, xt, f.y,
+                                              std::nullopt, sc, clamp, false);
+  auto gxp = backward_impl(gcond, yp, f, m, g, need_x, grads)[0];
+  auto x = pass_first ? at::cat({yp, xt}, 1) : at::cat({xt, yp}, 1);
+  if (!need_x) return {x, at::empty({0}, y.options())};
+  auto gyp = grad_y.narrow(1, pass_start, pass_len) + gxp;
+  return {x, pass_first ? at::cat({gyp, gxt}, 1) : at::cat({gxt, gyp}, 1)};
 }
 
 }  // namespace
@@ -793,6 +875,10 @@ TORCH_LIBRARY_FRAGMENT(flowops, m) {
         "Tensor b2, Tensor w3, Tensor b3, bool need_x, Tensor(a!)[] grads) -> Tensor");
   m.def("conv_net_fwd_into(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, "
         "Tensor(a!) y, Tensor(b!) h1, Tensor(c!) h2) -> ()");
+  m.def("glow_coupling_reverse(Tensor y, Tensor grad_y, Tensor grad_logdet, Tensor w1, Tensor b1, Tensor w2, "
+        "Tensor b2, Tensor w3, Tensor b3, int pass_start, int pass_len, int trans_start, int trans_len, str scale, "
+        "float clamp, float kink_tol, Tensor[] kinks, Tensor(b!)[] acts, bool recompute, bool need_x, "
+        "Tensor(a!)[] grads) -> (Tensor, Tensor)");
   m.def("conv_net_pooled(int rows, int cols, ScalarType dtype) -> Tensor", &conv_net_pooled);
   m.def("conv_net_empty_cache() -> int", [] { return pool().clear(); });
   m.def("conv_net_cached_bytes() -> int", [] { return pool().held(); });
@@ -805,6 +891,7 @@ TORCH_LIBRARY_IMPL(flowops, CPU, m) {
   m.impl("conv_net_bwd", &conv_net_bwd_cpu);
   m.impl("conv_net_bwd_into", &conv_net_bwd_into_cpu);
   m.impl("conv_net_fwd_into", &conv_net_fwd_into_cpu);
+  m.impl("glow_coupling_reverse", &glow_coupling_reverse_cpu);
 }
 
 TORCH_LIBRARY_IMPL(flowops, Autograd, m) {

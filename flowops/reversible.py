@@ -437,11 +437,22 @@ class _CouplingBlock(_Block):
         t = self.module
         ops = torch.ops.flowops
         scale, clamp = kernel
+        w = self._direct_plan(y)[1]
+        if (w is not None and into is not None and fix is None and not _METERS and gy.dtype == y.dtype
+                and w[4].shape[0] == t.cond_out and _has_ops("glow_coupling_reverse")):
+            dst = into(w)
+            if dst is not None:  # the whole step in one call (same kernels and values as the calls below)
+                x, gx = ops.glow_coupling_reverse(
+                    y, gy, _zeros_ld(gld, y), *w, t._pass.start, t._pass.stop - t._pass.start, t._trans.start,
+                    t._trans.stop - t._trans.start, scale, clamp, kinks[0] if kinks is not None else 0.0,
+                    list(kinks[1]) if kinks is not None else [], list(kept) if kept is not None else [], False,
+                    need_input_grad, dst)
+                return x, (gx if need_input_grad else None), [None] * len(params)
+            into = None  # a slot was taken already (a shared conditioner): the accumulating path below
         yp, yt = y[:, t._pass], y[:, t._trans]
         gyt = gy[:, t._trans]
         if gyt.dtype != y.dtype:
             gyt = gyt.to(y.dtype)
-        w = self._direct_plan(y)[1]
         with torch.no_grad():
             if w is not None:
                 if kept is not None:  # the forward's own activations (forward_keep): no recomputation

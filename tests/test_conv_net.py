@@ -471,3 +471,103 @@ def test_kink_bench_cases_match_their_reference(op):
     else:
         assert case.check()["ok"] and case.inputs[-4].numel() > 0
     assert_close(got[0], ref[0], 1e-4)
+
+
+def _separate_reverse(y, gy, gld, ps, part, scale, clamp, kinks, kept, need_x):
+    """The reversible walk's separate calls for one Glow coupling (what glow_coupling_reverse fuses)."""
+    f = torch.ops.flowops
+    (ps0, pl), (ts, tl) = part
+    yp, yt = y[:, ps0:ps0 + pl], y[:, ts:ts + tl]
+    if kept is not None:
+        cond, h1, h2 = kept
+    elif kinks is not None:
+        cond, h1, h2, _ = f.conv_net_fwd_kinks(yp, *ps, kinks[0], list(kinks[1]))
+    else:
+        cond, h1, h2 = f.conv_net_fwd(yp, *ps)
+    xt = f.affine_coupling(yt, cond, None, scale, clamp, True)[0]
+    gxt, gcond = f.affine_coupling_bwd(gy[:, ts:ts + tl], gld, xt, cond, None, scale, clamp, False)
+    dst = [torch.full_like(p, float("nan")) for p in ps]
+    gxp = f.conv_net_bwd_into(gcond, yp, h1, h2, *ps, need_x, dst)
+    first = ps0 < ts
+    x = torch.cat((yp, xt) if first else (xt, yp), 1)
+    gyp = gy[:, ps0:ps0 + pl] + gxp if need_x else None
+    gx = torch.cat((gyp, gxt) if first else (gxt, gyp), 1) if need_x else None
+    return x, gx, dst
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 12, 8, 8, 32), (2, 6, 5, 3, 20), (0, 4, 4, 4, 8), (1, 2, 1, 1, 4)])
+@pytest.mark.parametrize("scale", ["sigmoid", "softclamp", "additive"])
+def test_glow_coupling_reverse_matches_the_separate_calls(dtype, shape, scale):
+    """The reversible walk's one-call step for a Glow coupling: the same x, grad_x and conditioner gradients as
+    the separate calls (recomputation plain, with kink records applied, from kept activations and into given
+    buffers; pass-through half first and second; with and without the input gradient), bit for bit."""
+    n, c, h, w, k = shape
+    half = c // 2
+    clamp = 2.0 if scale == "softclamp" else 1.0
+    o = half if scale == "additive" else 2 * half
+    ps = [p.detach() for p in make(half, o, k, dtype, scale=0.2)]
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64).to(dtype)
+    gy, gld = torch.randn_like(y), torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    f = torch.ops.flowops
+    for part in (((0, half), (half, half)), ((half, half), (0, half))):
+        yp = y[:, part[0][0]:part[0][0] + half]
+        rec = f.conv_net_fwd_kinks(yp, *ps, 0.1, [])[3]  # a large band: records in most rows
+        for mode in ("plain", "kinks", "kept", "buffers"):
+            for need_x in (True, False):
+                kinks = (0.1, tuple(rec)) if mode == "kinks" else None
+                kept = f.conv_net_fwd(yp, *ps) if mode == "kept" else None
+                x0, gx0, g0 = _separate_reverse(y, gy, gld, ps, part, scale, clamp, kinks, kept, need_x)
+                acts = list(kept) if kept is not None else []
+                if mode == "buffers":
+                    acts = [torch.full_like(kept_t, float("nan")) for kept_t in f.conv_net_fwd(yp, *ps)]
+                dst = [torch.full_like(p, float("nan")) for p in ps]
+                x, gx = f.glow_coupling_reverse(y, gy, gld, *ps, part[0][0], half, part[1][0], half, scale, clamp,
+                                                kinks[0] if kinks else 0.0, list(kinks[1]) if kinks else [], acts,
+                                                mode == "buffers", need_x, dst)
+                assert torch.equal(x, x0), (mode, need_x)
+                if need_x:
+                    assert torch.equal(gx, gx0), (mode, need_x)
+                else:
+                    assert gx.numel() == 0
+                for a, b in zip(dst, g0):
+                    assert torch.equal(a, b), (mode, need_x)
+
+
+@needs_cpp
+def test_glow_coupling_reverse_checks_its_arguments():
+    ps = [p.detach() for p in make(2, 4, 8)]
+    y, gld = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    dst = [torch.empty_like(p) for p in ps]
+    f = torch.ops.flowops
+
+    def call(y=y, gy=None, part=(0, 2, 2, 2), kinks=(), acts=(), recompute=False, grads=dst):
+        return f.glow_coupling_reverse(y, y if gy is None else gy, gld, *ps, *part, "sigmoid", 1.0, 1e-3,
+                                       list(kinks), list(acts), recompute, True, list(grads))
+
+    x, gx = call()
+    assert x.shape == gx.shape == y.shape
+    with pytest.raises(ValueError, match="must be \\[N, C, H, W\\]"):
+        call(y=y[0], gy=y[0])
+    with pytest.raises(ValueError, match="grad_y must have y's shape"):
+        call(gy=y[:1])
+    with pytest.raises(ValueError, match="split y's 4 channels"):
+        call(part=(0, 2, 1, 2))
+    with pytest.raises(ValueError, match="split y's 4 channels"):
+        call(part=(0, 2, 2, 1))
+    with pytest.raises(ValueError, match="grads must be six tensors"):
+        call(grads=dst[:5])
+    with pytest.raises(ValueError, match="acts must be empty or"):
+        call(acts=[y])
+    with pytest.raises(ValueError, match="acts\\[1\\] must be a contiguous"):
+        cond, h1, h2 = f.conv_net_fwd(y[:, :2], *ps)
+        call(acts=[cond, h1[:1], h2])
+    rec = f.conv_net_fwd_kinks(y[:, :2], *ps, 1e-3, [])[3]
+    with pytest.raises(ValueError, match="not to kept activations"):
+        call(kinks=rec, acts=f.conv_net_fwd(y[:, :2], *ps))
+    with pytest.raises(ValueError, match="four tensors"):
+        call(kinks=rec[:2])
+    with pytest.raises(ValueError, match="params must have"):
+        f.glow_coupling_reverse(y, y, gld, *ps, 0, 2, 2, 2, "additive", 1.0, 0.0, [], [], False, True, dst)
