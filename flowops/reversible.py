@@ -58,10 +58,11 @@ Rules and options:
   float32 gradients (3 - 4 flips make the 1e-4-level difference of a K = 32 Glow with stored inputs; without
   them 8e-7). The forward records, per hidden row, the units active within ``2 t`` of the row's largest value
   (index and value, about 2 KB per coupling at ``t = 1e-4`` on the bench's largest layers); the recomputation
-  clears the units within ``t`` and writes the recorded ones back. A coupling whose output the backward has exactly (the stack's top, a stored input) needs
-  none, and with records on, a stored input that would fall on a coupling moves up one layer to sit on the
-  coupling's output. It costs a few % of a reversible step (bench/RESULTS.md). Glow's own conditioner on the
-  C++ path only (``conv_net_fwd_kinks``); off with ``micro_batch`` and unnecessary with ``bit_exact``.
+  clears the units within ``t`` and writes the recorded ones back. A coupling whose output the backward has
+  exactly (the stack's top, a stored input) needs none, and with records on, a stored input that would fall on a
+  coupling moves up one layer to sit on the coupling's output. It costs about 1 % of a reversible step
+  (bench/RESULTS.md). Glow's own conditioner on the C++ path only (``conv_net_fwd_kinks``); off with
+  ``micro_batch`` and unnecessary with ``bit_exact``.
 * Layers whose conditioner activations are small next to the largest layer's (Glow's conditioner on the C++
   path, at most 1/8 of it: in Glow the top level) keep them from the forward instead of recomputing them, laid out
   in one buffer of the largest layer's hidden size taken from conv_net's activation pool, which goes back to the
