@@ -53,16 +53,16 @@ Rules and options:
   about one byte per transformed value per layer (memory that grows with depth, far slower than ordinary
   backprop's) and the forward's extra inverses. It cannot be combined with ``micro_batch`` (``ValueError``).
 * ``kink_tol=t`` (default None, off, here; ``Glow`` turns it on with ``1e-4``) keeps the conditioner's ReLUs on
-  the forward's side in the backward. A recomputation from a rebuilt input (a few ulps off) can move a hidden unit whose pre-activation is
-  within rounding of zero across the kink, and those few flips, not the smooth part of the drift, are what move
-  float32 gradients (3 - 4 flips make the 1e-4-level difference of a K = 32 Glow with stored inputs; without
-  them 8e-7). The forward records, per hidden row, the units active within ``2 t`` of the row's largest value
-  (index and value, about 2 KB per coupling at ``t = 1e-4`` on the bench's largest layers); the recomputation
-  clears the units within ``t`` and writes the recorded ones back. A coupling whose output the backward has
-  exactly (the stack's top, a stored input) needs none, and with records on, a stored input that would fall on a
-  coupling moves up one layer to sit on the coupling's output. It costs about 1 % of a reversible step
-  (bench/RESULTS.md). Glow's own conditioner on the C++ path only (``conv_net_fwd_kinks``); off with
-  ``micro_batch`` and unnecessary with ``bit_exact``.
+  the forward's side in the backward. A recomputation from a rebuilt input (a few ulps off) can move a hidden
+  unit whose pre-activation is within rounding of zero across the kink, and those few flips, not the smooth part
+  of the drift, are what move float32 gradients (3 - 4 flips make the 1e-4-level difference of a K = 32 Glow with
+  stored inputs; without them 8e-7). The forward records, per hidden row, the units active within ``2 t`` of the
+  row's largest value (index and value, about 2 KB per coupling at ``t = 1e-4`` on the bench's largest layers);
+  the recomputation clears the units within ``t`` and writes the recorded ones back. A coupling whose output
+  the backward has exactly (the stack's top, a stored input) needs none, and with records on, a stored input
+  that would fall on a coupling moves up one layer to sit on the coupling's output. It costs about 1 - 2 % of a
+  reversible step (bench/RESULTS.md). Glow's own conditioner on the C++ path only (``conv_net_fwd_kinks``); off
+  with ``micro_batch`` and unnecessary with ``bit_exact``.
 * Layers whose conditioner activations are small next to the largest layer's (Glow's conditioner on the C++
   path, at most 1/8 of it: in Glow the top level) keep them from the forward instead of recomputing them, laid out
   in one buffer of the largest layer's hidden size taken from conv_net's activation pool, which goes back to the
@@ -265,7 +265,7 @@ class _ActNormInvConvBlock(_Block):
     def label(self) -> str:
         return f"{self.name}.transforms.0-1 (ActNorm + InvConv1x1)"
 
-    _plan = None  # (own parameters, op arguments, slot of each) or False: found on the first backprop
+    _plan = None  # (op arguments, position of each parameter's gradient) or False: found on the first backprop
 
     def _parameters(self):  # once each, also when ActNorm and the 1x1 conv share one
         ts = self.module.transforms
@@ -288,11 +288,11 @@ class _ActNormInvConvBlock(_Block):
             own = (an.log_scale, an.bias, ic.lower, ic.upper, ic.log_s)
             ok = (len({id(p) for p in own}) == len(own) and {id(p) for p in self.all_params()} == set(map(id, own))
                   and _direct(y) and _has_ops("actnorm_invconv_reverse", "rebuild_apply"))
-            plan = self._plan = (own, (an.log_scale, an.bias, ic.perm, ic.lower, ic.upper, ic.sign, ic.log_s),
-                                   {id(p): j for j, p in enumerate(own)}) if ok else False
+            plan = self._plan = ((an.log_scale, an.bias, ic.perm, ic.lower, ic.upper, ic.sign, ic.log_s),
+                                 {id(p): j for j, p in enumerate(own)}) if ok else False
         if not plan:
             return super().backprop(y, extras, gy, gextras, gld, params, need_input_grad, fix)
-        _, args, where = plan
+        args, where = plan
         if gy.dtype != y.dtype:
             gy = gy.to(y.dtype)
         # the inverse (corrected by a bit-exact record), the fused op's backward and the LU weight's backward; a

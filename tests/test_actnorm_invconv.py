@@ -393,8 +393,8 @@ def test_actnorm_invconv_reverse_matches_inverse_and_autograd(dtype, shape, reco
     elif shape[1] > 64:
         assert torch.equal(x, want_x)  # the aten path
     else:
-        torch.testing.assert_close(x, want_x, rtol=1e-13 if dtype == F64 else 1e-5,
-                                   atol=(1e-13 if dtype == F64 else 1e-5) * max([1.0, *want_x.abs().flatten().tolist()]))
+        tol_x = 1e-13 if dtype == F64 else 1e-5
+        torch.testing.assert_close(x, want_x, rtol=tol_x, atol=tol_x * max([1.0, *want_x.abs().flatten().tolist()]))
     params = [an.log_scale, an.bias, ic.lower, ic.upper, ic.log_s]
     xl = x.clone().requires_grad_()
     out, ld = actnorm_invconv(xl, an.log_scale, an.bias, ic.forward_weight(), ic.log_s.sum(), inverse=False)

@@ -34,8 +34,8 @@ class GlowTransform(Transform):
     ``checkpoint_every=k`` adds the input of every k-th layer. ``kink_tol`` (default 1e-4; None: off) keeps the
     conditioners' ReLUs on the forward's side of their kinks in the backward (ReLU-kink records, see
     :mod:`flowops.reversible`): the recomputed gradients then stay as close to ordinary backprop's in float32
-    as in float64, for a few KB per coupling and little time. The attributes ``drift_tol`` and ``on_drift`` set the drift check,
-    ``micro_batch`` the backward's slices, ``bit_exact`` the exact rebuilds (see
+    as in float64, for a few KB per coupling and little time. The attributes ``drift_tol`` and ``on_drift`` set
+    the drift check, ``micro_batch`` the backward's slices, ``bit_exact`` the exact rebuilds (see
     :class:`flowops.ReversibleSequential`).
     Values, gradients and the state_dict layout are those of the ordinary model; the attribute
     ``reversible`` can be switched at any time.
