@@ -289,8 +289,42 @@ at::Tensor lu_weight_loops(const std::vector<int64_t>& rows, const at::Tensor& l
   return W;
 }
 
-// Gradients of W = P L U for dW: G = P^T dW (G[rows[i]] = dW[i]); d lower = strict lower of G U^T,
-// d upper = strict upper of L^T G, d log_s = diag(L^T G) * d.
+// Gradients of W = P L U for dW as loops whose inner loops are axpys along a row (vectorizable): G = P^T dW
+// (G[rows[i]] = dW[i]); d lower = strict lower of G U^T (row i: sum_j G[i][j] (U^T row j)), d upper = strict upper
+// of L^T G, d log_s = diag(L^T G) * d. Outputs gl and gu zero-filled by the caller.
+template <typename T>
+void lu_grads_axpy(const T* gw, const std::vector<int64_t>& rows, int64_t C, const T* lo, const T* up, const T* sg,
+                   const T* lgs, T* gl, T* gu, T* gs) {
+  std::vector<T> G(C * C), Ut(C * C, T(0)), row(C), d(C);
+  for (int64_t k = 0; k < C; ++k) d[k] = sg[k] * std::exp(lgs[k]);
+  for (int64_t i = 0; i < C; ++i) std::copy_n(gw + i * C, C, G.data() + rows[i] * C);
+  for (int64_t k = 0; k < C; ++k) {  // Ut[j][k] = U[k][j]
+    Ut[k * C + k] = d[k];
+    for (int64_t j = k + 1; j < C; ++j) Ut[j * C + k] = up[k * C + j];
+  }
+  for (int64_t i = 1; i < C; ++i) {
+    std::fill_n(row.data(), i, T(0));
+    const T* gi = G.data() + i * C;
+    for (int64_t j = 0; j < C; ++j) {
+      const T gij = gi[j];
+      const T* uj = Ut.data() + j * C;
+      const int64_t lim = std::min(i, j + 1);  // U^T row j is zero beyond column j
+      for (int64_t k = 0; k < lim; ++k) row[k] += gij * uj[k];
+    }
+    std::copy_n(row.data(), i, gl + i * C);
+  }
+  for (int64_t k = 0; k < C; ++k) {
+    std::copy_n(G.data() + k * C, C, row.data());
+    for (int64_t i = k + 1; i < C; ++i) {
+      const T l = lo[i * C + k];
+      const T* gi = G.data() + i * C;
+      for (int64_t j = k; j < C; ++j) row[j] += l * gi[j];
+    }
+    gs[k] = row[k] * d[k];
+    for (int64_t j = k + 1; j < C; ++j) gu[k * C + j] = row[j];
+  }
+}
+
 std::array<at::Tensor, 3> lu_weight_grads_loops(const at::Tensor& grad, const std::vector<int64_t>& rows,
                                                 const at::Tensor& lower, const at::Tensor& upper,
                                                 const at::Tensor& sign, const at::Tensor& log_s) {
@@ -298,37 +332,10 @@ std::array<at::Tensor, 3> lu_weight_grads_loops(const at::Tensor& grad, const st
   auto g_lower = at::zeros_like(lower), g_upper = at::zeros_like(upper), g_log_s = at::empty_like(log_s);
   auto dW = grad.contiguous();
   AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "lu_weight_backward", [&] {
-    const scalar_t* gw = dW.const_data_ptr<scalar_t>();
-    const scalar_t* lo = lower.const_data_ptr<scalar_t>();
-    const scalar_t* up = upper.const_data_ptr<scalar_t>();
-    const std::vector<scalar_t> d = lu_diag<scalar_t>(sign, log_s);
-    std::vector<scalar_t> G(C * C);
-    for (int64_t i = 0; i < C; ++i) std::copy_n(gw + i * C, C, G.data() + rows[i] * C);
-    scalar_t* gl = g_lower.mutable_data_ptr<scalar_t>();
-    scalar_t* gu = g_upper.mutable_data_ptr<scalar_t>();
-    scalar_t* gs = g_log_s.mutable_data_ptr<scalar_t>();
-    // (G U^T)[i][k] = G[i][k] d_k + sum_{j > k} G[i][j] upper[k][j], kept for k < i
-    for (int64_t i = 0; i < C; ++i) {
-      const scalar_t* gi = G.data() + i * C;
-      for (int64_t k = 0; k < i; ++k) {
-        const scalar_t* u = up + k * C;
-        scalar_t acc = gi[k] * d[k];
-        for (int64_t j = k + 1; j < C; ++j) acc += gi[j] * u[j];
-        gl[i * C + k] = acc;
-      }
-    }
-    // (L^T G)[k][j] = G[k][j] + sum_{i > k} lower[i][k] G[i][j], kept for j >= k
-    std::vector<scalar_t> row(C);
-    for (int64_t k = 0; k < C; ++k) {
-      std::copy_n(G.data() + k * C, C, row.data());
-      for (int64_t i = k + 1; i < C; ++i) {
-        const scalar_t l = lo[i * C + k];
-        const scalar_t* gi = G.data() + i * C;
-        for (int64_t j = k; j < C; ++j) row[j] += l * gi[j];
-      }
-      gs[k] = row[k] * d[k];
-      for (int64_t j = k + 1; j < C; ++j) gu[k * C + j] = row[j];
-    }
+    lu_grads_axpy<scalar_t>(dW.const_data_ptr<scalar_t>(), rows, C, lower.const_data_ptr<scalar_t>(),
+                            upper.const_data_ptr<scalar_t>(), sign.const_data_ptr<scalar_t>(),
+                            log_s.const_data_ptr<scalar_t>(), g_lower.mutable_data_ptr<scalar_t>(),
+                            g_upper.mutable_data_ptr<scalar_t>(), g_log_s.mutable_data_ptr<scalar_t>());
   });
   return {g_lower, g_upper, g_log_s};
 }
@@ -620,42 +627,6 @@ void reverse_kernel(const T* y, const T* g, const T* gld, int64_t N, int64_t C, 
   }
 }
 
-// lu_weight_grads_loops' gradients with every inner loop an axpy along a row (vectorizable; the sums in another
-// order): G = P^T dW, d lower = strict lower of G U^T (row i: sum_j G[i][j] (U^T row j)), d upper = strict upper
-// of L^T G, d log_s = diag(L^T G) * d.
-template <typename T>
-void lu_grads_axpy(const T* gw, const std::vector<int64_t>& rows, int64_t C, const T* lo, const T* up, const T* sg,
-                   const T* lgs, T* gl, T* gu, T* gs) {
-  std::vector<T> G(C * C), Ut(C * C, T(0)), row(C), d(C);
-  for (int64_t k = 0; k < C; ++k) d[k] = sg[k] * std::exp(lgs[k]);
-  for (int64_t i = 0; i < C; ++i) std::copy_n(gw + i * C, C, G.data() + rows[i] * C);
-  for (int64_t k = 0; k < C; ++k) {  // Ut[j][k] = U[k][j]
-    Ut[k * C + k] = d[k];
-    for (int64_t j = k + 1; j < C; ++j) Ut[j * C + k] = up[k * C + j];
-  }
-  for (int64_t i = 1; i < C; ++i) {
-    std::fill_n(row.data(), i, T(0));
-    const T* gi = G.data() + i * C;
-    for (int64_t j = 0; j < C; ++j) {
-      const T gij = gi[j];
-      const T* uj = Ut.data() + j * C;
-      const int64_t lim = std::min(i, j + 1);  // U^T row j is zero beyond column j
-      for (int64_t k = 0; k < lim; ++k) row[k] += gij * uj[k];
-    }
-    std::copy_n(row.data(), i, gl + i * C);
-  }
-  for (int64_t k = 0; k < C; ++k) {
-    std::copy_n(G.data() + k * C, C, row.data());
-    for (int64_t i = k + 1; i < C; ++i) {
-      const T l = lo[i * C + k];
-      const T* gi = G.data() + i * C;
-      for (int64_t j = k; j < C; ++j) row[j] += l * gi[j];
-    }
-    gs[k] = row[k] * d[k];
-    for (int64_t j = k + 1; j < C; ++j) gu[k * C + j] = row[j];
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reverse_loops(
     const at::Tensor& y, const at::Tensor& grad_y, const at::Tensor& grad_logdet, const at::Tensor& log_scale,
     const at::Tensor& bias, const std::vector<int64_t>& rows, const at::Tensor& lower, const at::Tensor& upper,
@@ -673,13 +644,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                              log_s.const_data_ptr<scalar_t>(), x.mutable_data_ptr<scalar_t>(),
                              gx.mutable_data_ptr<scalar_t>(), gls.mutable_data_ptr<scalar_t>(),
                              gb.mutable_data_ptr<scalar_t>(), gw.mutable_data_ptr<scalar_t>(), gsum);
-    g_lower = at::zeros_like(lower);
-    g_upper = at::zeros_like(upper);
-    g_log_s = at::empty_like(log_s);
-    lu_grads_axpy<scalar_t>(gw.const_data_ptr<scalar_t>(), rows, C, lower.const_data_ptr<scalar_t>(),
-                            upper.const_data_ptr<scalar_t>(), sign.const_data_ptr<scalar_t>(),
-                            log_s.const_data_ptr<scalar_t>(), g_lower.mutable_data_ptr<scalar_t>(),
-                            g_upper.mutable_data_ptr<scalar_t>(), g_log_s.mutable_data_ptr<scalar_t>());
+    auto g = lu_weight_grads_loops(gw, rows, lower, upper, sign, log_s);
+    g_lower = g[0];
+    g_upper = g[1];
+    g_log_s = g[2];
     scalar_t* gs = g_log_s.mutable_data_ptr<scalar_t>();
     for (int64_t k = 0; k < C; ++k) gs[k] += gsum;  // the log-det's share: w_logdet = sum(log_s)
   });
