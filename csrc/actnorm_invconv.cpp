@@ -51,6 +51,14 @@ void check_inputs(const at::Tensor& x, const at::Tensor& ls, const at::Tensor& b
                    "actnorm_invconv: log_scale, bias, weight and w_logdet must have x's dtype ", dt);
 }
 
+// The upstream gradients of a backward at x: grad_y of x's shape, grad_logdet one value per sample.
+void check_grads(const at::Tensor& grad_y, const at::Tensor& grad_logdet, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "actnorm_invconv_bwd: grad_y must have x's shape ", x.sizes(),
+                    ", got ", grad_y.sizes());
+  TORCH_CHECK_VALUE(grad_logdet.numel() == x.size(0), "actnorm_invconv_bwd: grad_logdet must have shape [",
+                    x.size(0), "], got ", grad_logdet.sizes());
+}
+
 int64_t spatial_size(const at::Tensor& x) {
   int64_t s = 1;
   for (int64_t d = 2; d < x.dim(); ++d) s *= x.size(d);
@@ -100,10 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> actnorm_i
     const at::Tensor& grad_y, const at::Tensor& grad_logdet, const at::Tensor& x_in, const at::Tensor& ls,
     const at::Tensor& b, const at::Tensor& w, const at::Tensor& wld, bool inverse) {
   check_inputs(x_in, ls, b, w, &wld);
-  TORCH_CHECK_VALUE(grad_y.sizes() == x_in.sizes(), "actnorm_invconv_bwd: grad_y must have x's shape ",
-                    x_in.sizes(), ", got ", grad_y.sizes());
-  TORCH_CHECK_VALUE(grad_logdet.numel() == x_in.size(0), "actnorm_invconv_bwd: grad_logdet must have shape [",
-                    x_in.size(0), "], got ", grad_logdet.sizes());
+  check_grads(grad_y, grad_logdet, x_in);
   auto x = x_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), S = spatial_size(x);
   auto g = grad_y.to(x.scalar_type()).contiguous();
@@ -263,28 +268,29 @@ std::vector<T> lu_diag(const at::Tensor& sign, const at::Tensor& log_s) {
   return d;
 }
 
+// W[i] = (L U)[rows[i]], (L U)[r][j] = sum_{k <= min(r, j)} L[r][k] U[k][j], accumulated over k with the inner
+// loop over j contiguous; d = the diagonal of U (lu_diag).
+template <typename T>
+void lu_weight_rows(const std::vector<int64_t>& rows, int64_t C, const T* lo, const T* up, const T* d, T* w) {
+  for (int64_t i = 0; i < C; ++i) {
+    const int64_t r = rows[i];
+    T* out = w + i * C;
+    std::fill_n(out, C, T(0));
+    for (int64_t k = 0; k <= r; ++k) {
+      const T l = k == r ? T(1) : lo[r * C + k];
+      const T* u = up + k * C;
+      out[k] += l * d[k];
+      for (int64_t j = k + 1; j < C; ++j) out[j] += l * u[j];
+    }
+  }
+}
+
 at::Tensor lu_weight_loops(const std::vector<int64_t>& rows, const at::Tensor& lower, const at::Tensor& upper,
                            const at::Tensor& sign, const at::Tensor& log_s) {
-  const int64_t C = lower.size(0);
   auto W = at::empty_like(lower);
   AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "lu_weight", [&] {
-    const std::vector<scalar_t> d = lu_diag<scalar_t>(sign, log_s);
-    const scalar_t* lo = lower.const_data_ptr<scalar_t>();
-    const scalar_t* up = upper.const_data_ptr<scalar_t>();
-    scalar_t* w = W.mutable_data_ptr<scalar_t>();
-    // W[i] = (L U)[rows[i]], (L U)[r][j] = sum_{k <= min(r, j)} L[r][k] U[k][j], accumulated over k with the
-    // inner loop over j contiguous
-    for (int64_t i = 0; i < C; ++i) {
-      const int64_t r = rows[i];
-      scalar_t* out = w + i * C;
-      std::fill_n(out, C, scalar_t(0));
-      for (int64_t k = 0; k <= r; ++k) {
-        const scalar_t l = k == r ? scalar_t(1) : lo[r * C + k];
-        const scalar_t* u = up + k * C;
-        out[k] += l * d[k];
-        for (int64_t j = k + 1; j < C; ++j) out[j] += l * u[j];
-      }
-    }
+    lu_weight_rows<scalar_t>(rows, lower.size(0), lower.const_data_ptr<scalar_t>(), upper.const_data_ptr<scalar_t>(),
+                             lu_diag<scalar_t>(sign, log_s).data(), W.mutable_data_ptr<scalar_t>());
   });
   return W;
 }
@@ -293,10 +299,9 @@ at::Tensor lu_weight_loops(const std::vector<int64_t>& rows, const at::Tensor& l
 // (G[rows[i]] = dW[i]); d lower = strict lower of G U^T (row i: sum_j G[i][j] (U^T row j)), d upper = strict upper
 // of L^T G, d log_s = diag(L^T G) * d. Outputs gl and gu zero-filled by the caller.
 template <typename T>
-void lu_grads_axpy(const T* gw, const std::vector<int64_t>& rows, int64_t C, const T* lo, const T* up, const T* sg,
-                   const T* lgs, T* gl, T* gu, T* gs) {
-  std::vector<T> G(C * C), Ut(C * C, T(0)), row(C), d(C);
-  for (int64_t k = 0; k < C; ++k) d[k] = sg[k] * std::exp(lgs[k]);
+void lu_grads_axpy(const T* gw, const std::vector<int64_t>& rows, int64_t C, const T* lo, const T* up, const T* d,
+                   T* gl, T* gu, T* gs) {
+  std::vector<T> G(C * C), Ut(C * C, T(0)), row(C);
   for (int64_t i = 0; i < C; ++i) std::copy_n(gw + i * C, C, G.data() + rows[i] * C);
   for (int64_t k = 0; k < C; ++k) {  // Ut[j][k] = U[k][j]
     Ut[k * C + k] = d[k];
@@ -333,9 +338,9 @@ std::array<at::Tensor, 3> lu_weight_grads_loops(const at::Tensor& grad, const st
   auto dW = grad.contiguous();
   AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "lu_weight_backward", [&] {
     lu_grads_axpy<scalar_t>(dW.const_data_ptr<scalar_t>(), rows, C, lower.const_data_ptr<scalar_t>(),
-                            upper.const_data_ptr<scalar_t>(), sign.const_data_ptr<scalar_t>(),
-                            log_s.const_data_ptr<scalar_t>(), g_lower.mutable_data_ptr<scalar_t>(),
-                            g_upper.mutable_data_ptr<scalar_t>(), g_log_s.mutable_data_ptr<scalar_t>());
+                            upper.const_data_ptr<scalar_t>(), lu_diag<scalar_t>(sign, log_s).data(),
+                            g_lower.mutable_data_ptr<scalar_t>(), g_upper.mutable_data_ptr<scalar_t>(),
+                            g_log_s.mutable_data_ptr<scalar_t>());
   });
   return {g_lower, g_upper, g_log_s};
 }
@@ -452,26 +457,17 @@ constexpr int64_t kLoopMaxC = 64;
 
 template <typename T>
 void reverse_kernel(const T* y, const T* g, const T* gld, int64_t N, int64_t C, int64_t S, const T* ls, const T* b,
-                    const std::vector<int64_t>& rows, const T* lo, const T* up, const T* sg, const T* lgs, T* x,
-                    T* gx, T* gls, T* gb, T* gw, T& gsum) {
+                    const std::vector<int64_t>& rows, const T* lo, const T* up, const T* d, T* x, T* gx, T* gls,
+                    T* gb, T* gw, T& gsum) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t V = Vec::size();
   const int64_t CC = C * C;
-  std::vector<T> d(C), e(C), ie(C), W(CC, T(0)), Winv(CC), A(CC), Ainv(CC);
+  std::vector<T> e(C), ie(C), W(CC), Winv(CC), A(CC), Ainv(CC);
   for (int64_t k = 0; k < C; ++k) {
-    d[k] = sg[k] * std::exp(lgs[k]);
     e[k] = std::exp(ls[k]);
     ie[k] = std::exp(-ls[k]);
   }
-  for (int64_t i = 0; i < C; ++i) {  // W[i] = (L U)[rows[i]]
-    const int64_t r = rows[i];
-    T* out = W.data() + i * C;
-    for (int64_t k = 0; k <= r; ++k) {
-      const T l = k == r ? T(1) : lo[r * C + k];
-      out[k] += l * d[k];
-      for (int64_t j = k + 1; j < C; ++j) out[j] += l * up[k * C + j];
-    }
-  }
+  lu_weight_rows<T>(rows, C, lo, up, d, W.data());
   // W^-1 = U^-1 (L^-1 P^T) by substitutions on whole rows (axpys along the row): Mrow r = (P^T)_r - sum_{k<r}
   // lower[r][k] Mrow k, then W^-1 row r = (Mrow r - sum_{k>r} upper[r][k] (W^-1 row k)) / d_r
   std::vector<T> M(CC, T(0));
@@ -640,10 +636,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     reverse_kernel<scalar_t>(y.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(),
                              grad_logdet.const_data_ptr<scalar_t>(), N, C, S, log_scale.const_data_ptr<scalar_t>(),
                              bias.const_data_ptr<scalar_t>(), rows, lower.const_data_ptr<scalar_t>(),
-                             upper.const_data_ptr<scalar_t>(), sign.const_data_ptr<scalar_t>(),
-                             log_s.const_data_ptr<scalar_t>(), x.mutable_data_ptr<scalar_t>(),
-                             gx.mutable_data_ptr<scalar_t>(), gls.mutable_data_ptr<scalar_t>(),
-                             gb.mutable_data_ptr<scalar_t>(), gw.mutable_data_ptr<scalar_t>(), gsum);
+                             upper.const_data_ptr<scalar_t>(), lu_diag<scalar_t>(sign, log_s).data(),
+                             x.mutable_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
+                             gls.mutable_data_ptr<scalar_t>(), gb.mutable_data_ptr<scalar_t>(),
+                             gw.mutable_data_ptr<scalar_t>(), gsum);
     auto g = lu_weight_grads_loops(gw, rows, lower, upper, sign, log_s);
     g_lower = g[0];
     g_upper = g[1];
@@ -670,16 +666,13 @@ actnorm_invconv_reverse_cpu(const at::Tensor& y, const at::Tensor& grad_y, const
                             const std::optional<at::Tensor>& record_idx, const std::optional<at::Tensor>& record_vals) {
   check_lu_args(perm, lower, upper, sign, log_s);
   check_inputs(y, log_scale, bias, lower, nullptr);
-  TORCH_CHECK_VALUE(grad_y.sizes() == y.sizes(), "actnorm_invconv_bwd: grad_y must have x's shape ", y.sizes(),
-                    ", got ", grad_y.sizes());
-  TORCH_CHECK_VALUE(grad_logdet.numel() == y.size(0), "actnorm_invconv_bwd: grad_logdet must have shape [",
-                    y.size(0), "], got ", grad_logdet.sizes());
+  check_grads(grad_y, grad_logdet, y);
+  // rows (a permutation P) implies contiguous CPU LU arguments of lower's dtype, which check_inputs made y's
   const auto rows = perm_rows(perm, lower, upper, sign, log_s);
   const auto dt = y.scalar_type();
-  if (!record_small.has_value() && !rows.empty() && lower.size(0) <= kLoopMaxC && y.is_cpu() && y.is_contiguous() &&
-      lower.scalar_type() == dt && grad_y.scalar_type() == dt && grad_y.is_contiguous() && grad_y.is_cpu() &&
-      grad_logdet.scalar_type() == dt && grad_logdet.is_contiguous() && log_scale.is_contiguous() &&
-      bias.is_contiguous() && log_scale.is_cpu() && bias.is_cpu() && grad_logdet.is_cpu()) {
+  auto plain = [&](const at::Tensor& t) { return t.is_cpu() && t.is_contiguous() && t.scalar_type() == dt; };
+  if (!record_small.has_value() && !rows.empty() && lower.size(0) <= kLoopMaxC && plain(y) && plain(grad_y) &&
+      plain(grad_logdet) && plain(log_scale) && plain(bias)) {
     return reverse_loops(y, grad_y, grad_logdet, log_scale, bias, rows, lower, upper, sign, log_s);
   }
   const auto wld = log_s.sum();

@@ -661,6 +661,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_net_fwd_cpu(const at::Tensor
   return {f.y, f.H1, f.H2};
 }
 
+// (y, H1, H2) of a forward given by the caller (named `names` in errors): contiguous [N, O, H, W], [P, K], [P, K]
+// tensors of x's dtype and device, checked.
+Forward checked_acts(const char* op, const char* const names[3], const at::Tensor& x, const Geom& g,
+                     const at::Tensor& y, const at::Tensor& h1, const at::Tensor& h2) {
+  const std::vector<int64_t> ys{g.N, g.O, g.H, g.W}, hs{g.P, g.K};
+  const at::Tensor* ts[3] = {&y, &h1, &h2};
+  for (int i = 0; i < 3; ++i) {
+    const auto& want = i == 0 ? ys : hs;
+    TORCH_CHECK_VALUE(ts[i]->sizes() == at::IntArrayRef(want) && ts[i]->is_contiguous() &&
+                          ts[i]->scalar_type() == x.scalar_type() && ts[i]->device() == x.device(),
+                      op, ": ", names[i], " must be contiguous ", at::IntArrayRef(want),
+                      " tensors of x's dtype and device, got ", ts[i]->sizes());
+  }
+  return Forward{y, h1, h2};
+}
+
 // conv_net_fwd writing y, H1 and H2 into the given tensors (contiguous, x's dtype and device, shapes [N, O, H, W],
 // [P, K], [P, K]; the reversible engine's kept activations, views of a buffer of the activation pool); returns
 // nothing.
@@ -668,15 +684,8 @@ void conv_net_fwd_into_cpu(const at::Tensor& x, const at::Tensor& w1, const at::
                            const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& y,
                            const at::Tensor& h1, const at::Tensor& h2) {
   const Geom g = check(x, w1, b1, w2, b2, w3, b3);
-  const std::vector<int64_t> ys{g.N, g.O, g.H, g.W}, hs{g.P, g.K};
-  for (const auto* t : {&y, &h1, &h2}) {
-    const auto& want = t == &y ? ys : hs;
-    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(want) && t->is_contiguous() &&
-                          t->scalar_type() == x.scalar_type() && t->device() == x.device(),
-                      "flowops.conv_net_fwd_into: ", t == &y ? "y" : "h1 and h2", " must be contiguous ",
-                      at::IntArrayRef(want), " tensors of x's dtype and device, got ", t->sizes());
-  }
-  const Forward out{y, h1, h2};
+  static const char* const names[3] = {"y", "h1 and h2", "h1 and h2"};
+  const Forward out = checked_acts("flowops.conv_net_fwd_into", names, x, g, y, h1, h2);
   forward_impl(x, weight_matrices(g, w1, w2, w3), b1, b2, b3, g, true, nullptr, &out);
 }
 
@@ -827,31 +836,17 @@ std::tuple<at::Tensor, at::Tensor> glow_coupling_reverse_cpu(
                     "apply to a recomputation, not to kept activations");
   const Weights m = weight_matrices(g, w1, w2, w3);
   Forward f;
-  if (!acts.empty()) {
-    const std::vector<int64_t> ys{g.N, g.O, g.H, g.W}, hs{g.P, g.K};
-    for (int i = 0; i < 3; ++i) {
-      const auto& want = i == 0 ? ys : hs;
-      TORCH_CHECK_VALUE(acts[i].sizes() == at::IntArrayRef(want) && acts[i].is_contiguous() &&
-                            acts[i].scalar_type() == y.scalar_type() && acts[i].device() == y.device(),
-                        "flowops.glow_coupling_reverse: acts[", i, "] must be a contiguous ", at::IntArrayRef(want),
-                        " tensor of y's dtype and device, got ", acts[i].sizes());
-    }
-    f = Forward{acts[0], acts[1], acts[2]};
-  }
-  if (acts.empty() || recompute) {
+  static const char* const names[3] = {"acts[0]", "acts[1]", "acts[2]"};
+  if (!acts.empty()) f = checked_acts("flowops.glow_coupling_reverse", names, yp, g, acts[0], acts[1], acts[2]);
+  if (acts.empty() || recompute) {  // (no rows: forward_impl returns y alone, which is all the backward reads)
     Kinks kk;
-    if (!kinks.empty()) {
-      TORCH_CHECK_VALUE(kinks.size() == 4, "flowops.glow_coupling_reverse: kinks must be the four tensors a "
-                        "recording returned, got ", kinks.size());
-      kk = kinks_of(yp, g, kink_tol, kinks);
-    }
+    if (!kinks.empty()) kk = kinks_of(yp, g, kink_tol, kinks);
     const Forward out = f;
     f = forward_impl(yp, m, b1, b2, b3, g, true, kinks.empty() || g.P == 0 ? nullptr : &kk,
                      acts.empty() ? nullptr : &out);
-    if (g.P == 0) f.H1 = f.H2 = at::empty({0, g.K}, y.options());
   }
   const std::string sc(scale);
-  auto [xt, ld] = affine_coupling_fwd_cpu(yt, f.y, std::nullopt, sc, clamp, true);
+  const auto xt = std::get<0>(affine_coupling_fwd_cpu(yt, f.y, std::nullopt, sc, clamp, true));
   auto [gxt, gcond] = affine_coupling_bwd_cpu(grad_y.narrow(1, trans_start, trans_len), grad_logdet, xt, f.y,
                                               std::nullopt, sc, clamp, false);
   auto gxp = backward_impl(gcond, yp, f, m, g, need_x, grads)[0];

@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Glow's default, 32) for the memory table, the step time and the main gradient lines")
     p.add_argument("--kink-tol", dest="kink_tol", type=float, default=None,
                    help="ReLU-kink records of the reversible mode (kink_tol=T; 0: none; default: Glow's default, "
-                        "1e-3) for the memory table, the step time and the main gradient lines")
+                        "1e-4) for the memory table, the step time and the main gradient lines")
     p.add_argument("--bit-exact", action="store_true",
                    help="the reversible mode keeps its rounding differences (bit_exact=True) in the memory table and "
                         "the step time")

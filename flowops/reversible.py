@@ -439,21 +439,21 @@ class _CouplingBlock(_Block):
         ops = torch.ops.flowops
         scale, clamp = kernel
         w = self._direct_plan(y)[1]
-        if (w is not None and into is not None and fix is None and not _METERS and gy.dtype == y.dtype
-                and w[4].shape[0] == t.cond_out and _has_ops("glow_coupling_reverse")):
-            dst = into(w)
-            if dst is not None:  # the whole step in one call (same kernels and values as the calls below)
-                x, gx = ops.glow_coupling_reverse(
-                    y, gy, _zeros_ld(gld, y), *w, t._pass.start, t._pass.stop - t._pass.start, t._trans.start,
-                    t._trans.stop - t._trans.start, scale, clamp, kinks[0] if kinks is not None else 0.0,
-                    list(kinks[1]) if kinks is not None else [], list(kept) if kept is not None else [], False,
-                    need_input_grad, dst)
-                return x, (gx if need_input_grad else None), [None] * len(params)
-            into = None  # a slot was taken already (a shared conditioner): the accumulating path below
+        if gy.dtype != y.dtype:
+            gy = gy.to(y.dtype)
+        # Glow's conditioner writes its weight gradients straight into the engine's buffer when its slots are free
+        # (else, e.g. a conditioner shared with a layer walked already, they are returned for accumulation)
+        dst = into(w) if w is not None and into is not None and _has_ops("conv_net_bwd_into") else None
+        if (dst is not None and fix is None and not _METERS and w[4].shape[0] == t.cond_out
+                and _has_ops("glow_coupling_reverse")):  # the whole step in one call (same kernels and values)
+            x, gx = ops.glow_coupling_reverse(
+                y, gy, _zeros_ld(gld, y), *w, t._pass.start, t._pass.stop - t._pass.start, t._trans.start,
+                t._trans.stop - t._trans.start, scale, clamp, kinks[0] if kinks is not None else 0.0,
+                list(kinks[1]) if kinks is not None else [], list(kept) if kept is not None else [], False,
+                need_input_grad, dst)
+            return x, (gx if need_input_grad else None), [None] * len(params)
         yp, yt = y[:, t._pass], y[:, t._trans]
         gyt = gy[:, t._trans]
-        if gyt.dtype != y.dtype:
-            gyt = gyt.to(y.dtype)
         with torch.no_grad():
             if w is not None:
                 if kept is not None:  # the forward's own activations (forward_keep): no recomputation
@@ -472,7 +472,6 @@ class _CouplingBlock(_Block):
             gxt, gcond = ops.affine_coupling_bwd(gyt, _zeros_ld(gld, y), xt, cond, None, scale, clamp, False)
             if w is not None:
                 held = _meter_hold(h1, h2)  # what autograd would have saved for the conditioner's backward
-                dst = into(w) if into is not None and _has_ops("conv_net_bwd_into") else None
                 if dst is not None:  # straight into the engine's gradient buffer: reported as None here
                     gxp_c = ops.conv_net_bwd_into(gcond, yp, h1, h2, w[0], w[1], w[2], w[3], w[4], w[5],
                                                   need_input_grad, dst)
@@ -775,6 +774,10 @@ KEEP_FRACTION = 8
 _ALIGN = 16  # elements: each kept tensor starts on a 64-byte boundary (float32)
 
 
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
 class _Kept:
     """Conditioner activations the forward keeps for the backward, so that those layers skip their recomputation.
 
@@ -803,7 +806,7 @@ class _Kept:
     def alloc(self, shapes, dtype):
         """Views of the given shapes laid out in a pool buffer, or None when they do not fit the budget."""
         sizes = [math.prod(sh) for sh in shapes]
-        need = sum(-(-n // _ALIGN) * _ALIGN for n in sizes)
+        need = sum(map(_aligned, sizes))
         item = dtype.itemsize
         chunk = self.largest // 2 // item  # one hidden buffer of the largest layer
         budget = self.largest - self.largest // KEEP_FRACTION
@@ -816,7 +819,7 @@ class _Kept:
         views = []
         for sh, n in zip(shapes, sizes):
             views.append(flat[used:used + n].view(sh))
-            used += -(-n // _ALIGN) * _ALIGN
+            used += _aligned(n)
         self.chunks[-1][1] = used
         return tuple(views)
 

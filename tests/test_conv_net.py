@@ -561,7 +561,7 @@ def test_glow_coupling_reverse_checks_its_arguments():
         call(grads=dst[:5])
     with pytest.raises(ValueError, match="acts must be empty or"):
         call(acts=[y])
-    with pytest.raises(ValueError, match="acts\\[1\\] must be a contiguous"):
+    with pytest.raises(ValueError, match="acts\\[1\\] must be contiguous"):
         cond, h1, h2 = f.conv_net_fwd(y[:, :2], *ps)
         call(acts=[cond, h1[:1], h2])
     rec = f.conv_net_fwd_kinks(y[:, :2], *ps, 1e-3, [])[3]
