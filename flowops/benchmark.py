@@ -1276,6 +1276,44 @@ register_op(OpSpec(
     **_CK_SHAPES))
 
 
+def _gcr_inputs(shape, dtype, device, generator, opts):
+    """y [N, C, H, W] of a Glow coupling, its upstream gradients (of y and of the per-sample log-det) and the
+    weights of its conditioner on the C / 2 pass-through channels (hidden 128, C outputs: scale and shift)."""
+    if len(shape) != 4 or shape[1] < 2 or shape[1] % 2:
+        raise ValueError(f"glow_coupling_reverse shapes are batch x channels (even) x height x width, got {shape}")
+    half = shape[1] // 2
+    _, *params = _cn_inputs((shape[0], half, *shape[2:]), dtype, device, generator, opts)
+    y = _randn(shape, dtype, device, generator)
+    return (y, _randn(shape, dtype, device, generator), _randn((shape[0],), dtype, device, generator), *params)
+
+
+def _gcr_args(y):
+    half = y.shape[1] // 2
+    return 0, half, half, half, "sigmoid", 2.0  # Glow's affine coupling: pass-through half first, sigmoid scale
+
+
+def _gcr_ref(y, gy, gld, *params, inverse=False):
+    from .reference.conv_net import glow_coupling_reverse
+
+    return glow_coupling_reverse(y, gy, gld, *params, *_gcr_args(y))
+
+
+def _gcr_fused(y, gy, gld, *params, inverse=False):
+    dst = [torch.empty_like(p) for p in params]
+    x, gx = torch.ops.flowops.glow_coupling_reverse(y, gy, gld, *params, *_gcr_args(y), 0.0, [], [], False, True, dst)
+    return (x, gx, *dst)
+
+
+register_op(OpSpec(
+    name="glow_coupling_reverse", make_inputs=_gcr_inputs, reference=_gcr_ref, flowops=_gcr_fused,
+    shapes=[(16, 12, 16, 16), (16, 24, 8, 8), (16, 48, 4, 4)], quick_shapes=[(2, 6, 5, 7)],
+    small_shapes=[(16, 12, 16, 16)], directions=("forward",),
+    labels={(16, 12, 16, 16): "the reversible walk's backward step for one Glow coupling (the conditioner's "
+                              "recomputation, the coupling's inverse and backward, the conditioner's backward), Glow "
+                              "level 1 at batch 16; reference: F.conv2d conditioner, the coupling's inverse, "
+                              "autograd"}))
+
+
 def _glow_model(shape, dtype, device):
     from .models.glow import Glow
 

@@ -571,3 +571,36 @@ def test_glow_coupling_reverse_checks_its_arguments():
         call(kinks=rec[:2])
     with pytest.raises(ValueError, match="params must have"):
         f.glow_coupling_reverse(y, y, gld, *ps, 0, 2, 2, 2, "additive", 1.0, 0.0, [], [], False, True, dst)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("shape", [(3, 12, 8, 8, 32), (2, 6, 5, 3, 20), (0, 4, 4, 4, 8), (1, 2, 1, 1, 4),
+                                   (2, 24, 4, 4, 130)])
+@pytest.mark.parametrize("scale", ["sigmoid", "softclamp", "exp", "additive"])
+def test_glow_coupling_reverse_matches_its_reference(dtype, rtol, shape, scale):
+    """glow_coupling_reverse (plain recomputation) against flowops.reference.conv_net.glow_coupling_reverse: the
+    rebuilt input, its gradient and the six conditioner gradients (autograd through F.conv2d and the reference
+    coupling), both channel orders. (The op computes gradients itself and has no backward, so there is no
+    gradcheck of it; its other modes equal this one bit for bit, test above.)"""
+    from flowops.reference.conv_net import glow_coupling_reverse as reference
+
+    n, c, h, w, k = shape
+    half = c // 2
+    clamp = 2.0
+    o = half if scale == "additive" else 2 * half
+    ps = [p.detach() for p in make(half, o, k, dtype, scale=0.2)]
+    gen = torch.Generator().manual_seed(2)
+    y = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64).to(dtype)
+    gy, gld = torch.randn_like(y), torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    for part in ((0, half, half, half), (half, half, 0, half)):
+        want = reference(y, gy, gld, *ps, *part, scale, clamp)
+        dst = [torch.full_like(p, float("nan")) for p in ps]
+        x, gx = torch.ops.flowops.glow_coupling_reverse(y, gy, gld, *ps, *part, scale, clamp, 0.0, [], [], False,
+                                                        True, dst)
+        for got, ref in zip((x, gx, *dst), want):
+            assert got.shape == ref.shape and got.dtype == ref.dtype
+            if ref.numel():
+                assert_close(got, ref, rtol)
+            else:
+                assert not got.numel() or not got.any()

@@ -59,3 +59,37 @@ def conv_net_kinks(x, w1, b1, w2, b2, w3, b3, tol, records=None):
         h2 = conv_net_kinks_apply(h2, tol, records[2], records[3])
     y = F.conv2d(_images(h2, n, height, width), w3, b3, padding=1)
     return (y, rec) if records is None else (y, h1, h2)
+
+
+def glow_coupling_reverse(y, grad_y, grad_logdet, w1, b1, w2, b2, w3, b3, pass_start, pass_len, trans_start,
+                          trans_len, scale, clamp):
+    """The reversible walk's step for one Glow coupling (``torch.ops.flowops.glow_coupling_reverse`` with a plain
+    recomputation), written with autograd: the conditioner :func:`conv_net` on ``y``'s pass-through channels, the
+    transformed channels rebuilt through the coupling's inverse, then the gradients of the coupling's forward at
+    the rebuilt input for the upstream ``(grad_y, grad_logdet)``. Returns ``(x, grad_x, grad_w1, grad_b1, grad_w2,
+    grad_b2, grad_w3, grad_b3)``."""
+    from .affine_coupling import additive_coupling, affine_coupling
+
+    def couple(x, cond, inverse):
+        if scale == "additive":
+            return additive_coupling(x, cond, inverse=inverse)
+        return affine_coupling(x, cond, scale=scale, clamp=clamp, inverse=inverse)
+
+    pass_first = pass_start < trans_start
+    yp = y[:, pass_start:pass_start + pass_len].detach()
+    yt = y[:, trans_start:trans_start + trans_len].detach()
+    with torch.enable_grad():
+        xp = yp.clone().requires_grad_()
+        ws = [w.detach().requires_grad_() for w in (w1, b1, w2, b2, w3, b3)]
+        cond = conv_net(xp, *ws)
+        with torch.no_grad():
+            xt = couple(yt, cond, True)[0]
+        xt.requires_grad_()
+        out, logdet = couple(xt, cond, False)
+        gyt = grad_y[:, trans_start:trans_start + trans_len]
+        terms = [(out * gyt).sum()] + ([(logdet * grad_logdet).sum()] if logdet.requires_grad else [])
+        gxp, gxt, *gw = torch.autograd.grad(sum(terms), [xp, xt, *ws])
+    gp = grad_y[:, pass_start:pass_start + pass_len] + gxp
+    x = torch.cat((yp, xt.detach()) if pass_first else (xt.detach(), yp), 1)
+    gx = torch.cat((gp, gxt) if pass_first else (gxt, gp), 1)
+    return (x, gx, *gw)
